@@ -1,0 +1,40 @@
+"""Handcrafted model-poisoning attacks that need no optimisation.
+
+* ``none``: every client honest.
+* ``mpaf`` (Cao & Gong, CVPRW 2022): every malicious client sends
+  ``s * (w_init - w^{t-1})`` (``s = 3``), dragging the global model to the initial one.
+* ``sign_flip`` (not in the paper): each malicious client sends ``-g_i``, the negation of
+  its own genuine update.
+"""
+
+from __future__ import annotations
+
+from fedredefense_jax.attacks import register
+from fedredefense_jax.attacks.base import Attack, AttackContext, AttackInput, replace_malicious
+
+
+def _no_state(num_clients, key):
+    del num_clients, key
+    return ()
+
+
+@register("none")
+def make_none(ctx: AttackContext) -> Attack:
+    del ctx
+    return Attack("none", _no_state, lambda state, inp: (inp.updates, state))
+
+
+@register("mpaf")
+def make_mpaf(ctx: AttackContext) -> Attack:
+    scale = float(ctx.config.get("scale", 3.0))
+
+    def apply(state, inp: AttackInput):
+        return replace_malicious(inp, scale * (ctx.init_params - inp.global_params)), state
+
+    return Attack("mpaf", _no_state, apply)
+
+
+@register("sign_flip")
+def make_sign_flip(ctx: AttackContext) -> Attack:
+    del ctx
+    return Attack("sign_flip", _no_state, lambda state, inp: (replace_malicious(inp, -inp.updates), state))

@@ -1,0 +1,112 @@
+"""The defense protocol: an optax-like ``(init, apply)`` pair over explicit state.
+
+Every round the simulator hands a defense the ``[S, P]`` matrix of model updates sent
+by the ``S`` participation slots (``P`` = number of model parameters, updates are flat
+vectors ``w_local - w_global``) and gets back the aggregate ``[P]`` that moves the global
+model, plus which slots it flagged (flagged clients are expelled for good by the
+simulator) and the aggregation weight it gave each slot.
+
+Slots whose ``valid`` entry is False are padding (they keep shapes static so XLA compiles
+a handful of programs); a defense must ignore them and must not flag them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class DefenseContext(NamedTuple):
+    """What a defense may know about the federation when it is built.
+
+    Attributes:
+      apply_fn: ``apply_fn(params_pytree, images_float[B, H, W, C]) -> logits[B, K]``.
+      unravel: flat ``[P]`` vector -> params pytree (``jax.flatten_util.ravel_pytree``).
+      num_clients: total number of clients ``p``.
+      num_malicious: the ``q`` that some rules (Krum, Trimmed Mean) are told.
+      num_classes: ``K``.
+      input_shape: ``(H, W, C)``.
+      dataset: dataset name (selects per-dataset defaults such as Table 7's).
+      init_params: flat ``[P]`` initial global model.
+      config: free-form per-defense settings (from flags).
+    """
+
+    apply_fn: Callable[..., jax.Array]
+    unravel: Callable[[jax.Array], Any]
+    num_clients: int
+    num_malicious: int
+    num_classes: int
+    input_shape: tuple
+    dataset: str
+    init_params: jax.Array
+    config: dict
+
+
+class DefenseInput(NamedTuple):
+    """One round's view for the defense.
+
+    Attributes:
+      global_params: flat ``[P]`` global model the clients started from.
+      updates: ``[S, P]`` float32 updates, one row per slot.
+      client_ids: ``[S]`` int32 client id of each slot.
+      valid: ``[S]`` bool, False for padding slots.
+      round: 1-based round number.
+      key: PRNG key for this round's randomness.
+    """
+
+    global_params: jax.Array
+    updates: jax.Array
+    client_ids: jax.Array
+    valid: jax.Array
+    round: int
+    key: jax.Array
+
+
+class DefenseOutput(NamedTuple):
+    """What a defense returns.
+
+    Attributes:
+      aggregate: ``[P]`` update added to the global model.
+      flagged: ``[S]`` bool, slots judged malicious (their clients are expelled).
+      weights: ``[S]`` float, the weight each slot got in the aggregate (0 = excluded);
+        used for per-round detection metrics of filtering rules.
+      info: dict of per-slot ``[S]`` arrays or scalars to record (e.g. errors).
+    """
+
+    aggregate: jax.Array
+    flagged: jax.Array
+    weights: jax.Array
+    info: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Defense:
+    """An ``(init, apply)`` pair.
+
+    ``init(num_clients, key) -> state``;
+    ``apply(state, DefenseInput) -> (DefenseOutput, state)``.
+    ``apply`` may be plain Python that calls jitted kernels.
+    """
+
+    name: str
+    init: Callable[..., Any]
+    apply: Callable[..., tuple]
+
+
+def nonfinite_rows(updates: jax.Array) -> jax.Array:
+    """``[S, P] -> [S]`` bool: rows holding any NaN or +-Inf."""
+    return ~jnp.all(jnp.isfinite(updates), axis=1)
+
+
+def fedavg(updates: jax.Array, weights: jax.Array) -> jax.Array:
+    """Weighted mean ``sum_i w_i g_i / sum_i w_i`` of ``[S, P]`` rows; zero if all w are 0.
+
+    Rows with zero weight never contribute, even when they hold NaN or Inf.
+    """
+    w = weights.astype(updates.dtype)
+    safe = jnp.where((w > 0)[:, None], updates, 0.0)
+    total = jnp.sum(w)
+    return jnp.where(total > 0, (w @ safe) / jnp.maximum(total, 1e-12), jnp.zeros_like(safe[0]))

@@ -1,0 +1,146 @@
+"""Detection and efficiency metrics of the paper (Appendix A.4, B.1, B.3, B.4), in numpy.
+
+Conventions: "positive" = malicious. ``malicious`` is a ``[C]`` bool ground truth over all
+clients. Per-round quantities are ``[T, C]`` arrays over rounds and clients; use
+:func:`slots_to_clients` to turn the simulator's per-slot ``[T, S]`` records (with
+``client_ids`` and ``valid``) into them. Rates whose denominator is empty (e.g. FNR with no
+malicious client) are NaN, and averages over rounds skip NaN rounds. Percentages are not
+applied: every rate is a fraction in [0, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def slots_to_clients(values, client_ids, valid, num_clients: int, fill=0):
+    """Scatters per-slot records ``[T, S]`` into per-client ``[T, C]`` (``fill`` elsewhere).
+
+    Invalid (padding) slots are ignored.
+    """
+    values = np.asarray(values)
+    client_ids = np.asarray(client_ids)
+    valid = np.asarray(valid, bool)
+    dtype = np.result_type(values, np.asarray(fill))
+    out = np.full((values.shape[0], num_clients), fill, dtype=dtype)
+    t, s = np.nonzero(valid)
+    out[t, client_ids[t, s]] = values[t, s]
+    return out
+
+
+def _rates(pred_malicious, malicious):
+    pred = np.asarray(pred_malicious, bool)
+    mal = np.asarray(malicious, bool)
+    n = pred.size
+    n_mal = int(mal.sum())
+    n_ben = n - n_mal
+    dacc = float(np.mean(pred == mal)) if n else float("nan")
+    fpr = float(np.sum(pred & ~mal) / n_ben) if n_ben else float("nan")
+    fnr = float(np.sum(~pred & mal) / n_mal) if n_mal else float("nan")
+    return dacc, fpr, fnr
+
+
+def detection_metrics(flagged, malicious) -> dict:
+    """Final-label detection metrics over all clients.
+
+    ``flagged[C]``: the client was flagged/expelled at some round (the final label);
+    ``malicious[C]``: ground truth.
+
+    * DACC = #(flagged == malicious) / C
+    * FPR  = #(flagged & benign) / #benign
+    * FNR  = #(not flagged & malicious) / #malicious
+
+    Returns ``{'dacc', 'fpr', 'fnr'}`` as fractions (NaN for an empty denominator).
+    """
+    dacc, fpr, fnr = _rates(flagged, malicious)
+    return {"dacc": dacc, "fpr": fpr, "fnr": fnr}
+
+
+def aar(weights, malicious) -> float:
+    """Averaged Aggregated Rounds for malicious clients.
+
+    ``weights[T, C]``: aggregation weight each client got each round (0 = excluded or not
+    participating). AAR = mean over malicious clients of #rounds with weight > 0.
+    NaN when there is no malicious client.
+    """
+    w = np.asarray(weights)
+    mal = np.asarray(malicious, bool)
+    if not mal.any():
+        return float("nan")
+    return float(np.mean(np.sum(w[:, mal] > 0, axis=0)))
+
+
+def aoi(iterations, participated) -> float:
+    """Average Optimisation Iterations (Appendix B.3).
+
+    ``iterations[T, C]``: outer iterations of each client each round; ``participated[T, C]``
+    bool. AOI = mean over rounds (with at least one participant) of the mean iterations of
+    that round's participants (as the authors: ``sum_t (sum_i it_i^t / |M^t|) / #rounds``).
+    """
+    it = np.asarray(iterations, np.float64)
+    part = np.asarray(participated, bool)
+    counts = part.sum(axis=1)
+    keep = counts > 0
+    if not keep.any():
+        return float("nan")
+    per_round = np.where(part, it, 0.0).sum(axis=1)[keep] / counts[keep]
+    return float(per_round.mean())
+
+
+def error_distribution(errors, malicious, participated=None) -> dict:
+    """Mean and std of reconstruction errors of benign and of malicious clients (Table 10).
+
+    ``errors[T, C]`` (or ``[C]``); ``participated`` same shape (default: finite entries).
+    Only finite errors of participating entries count. Returns
+    ``{'benign': (mean, std, count), 'malicious': (mean, std, count)}``; mean/std NaN when
+    the count is 0. std is the population std (ddof = 0).
+    """
+    e = np.asarray(errors, np.float64)
+    if e.ndim == 1:
+        e = e[None]
+    mal = np.broadcast_to(np.asarray(malicious, bool), e.shape)
+    if participated is None:
+        part = np.ones(e.shape, bool)
+    else:
+        part = np.asarray(participated, bool).reshape(e.shape)
+    ok = part & np.isfinite(e)
+    out = {}
+    for name, sel in (("benign", ok & ~mal), ("malicious", ok & mal)):
+        vals = e[sel]
+        if vals.size:
+            out[name] = (float(vals.mean()), float(vals.std()), int(vals.size))
+        else:
+            out[name] = (float("nan"), float("nan"), 0)
+    return out
+
+
+def per_round_detection(weights, participated, malicious) -> dict:
+    """ADACC / AFPR / AFNR (Appendix B.1): per-round DACC/FPR/FNR over the participating
+    clients, judged malicious when their weight is 0, averaged over rounds.
+
+    ``weights[T, C]``, ``participated[T, C]`` bool, ``malicious[C]``. A round with no
+    participating benign (malicious) client has an undefined FPR (FNR) and is skipped in
+    that average. Returns ``{'adacc', 'afpr', 'afnr', 'dacc', 'fpr', 'fnr'}`` where the
+    last three are the ``[T]`` per-round series (NaN where undefined).
+    """
+    w = np.asarray(weights)
+    part = np.asarray(participated, bool)
+    mal = np.asarray(malicious, bool)
+    series = np.full((3, w.shape[0]), np.nan)
+    for t in range(w.shape[0]):
+        sel = part[t]
+        if sel.any():
+            series[:, t] = _rates(w[t, sel] == 0, mal[sel])
+
+    def nanmean(x):
+        x = x[np.isfinite(x)]
+        return float(x.mean()) if x.size else float("nan")
+
+    return {"adacc": nanmean(series[0]), "afpr": nanmean(series[1]), "afnr": nanmean(series[2]),
+            "dacc": series[0], "fpr": series[1], "fnr": series[2]}
+
+
+def expelled_clients(flagged, client_ids, valid, num_clients: int) -> np.ndarray:
+    """``[C]`` bool final labels from per-slot ``flagged[T, S]``: flagged in any round."""
+    per_client = slots_to_clients(np.asarray(flagged, bool), client_ids, valid, num_clients, False)
+    return per_client.any(axis=0)

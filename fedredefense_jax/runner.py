@@ -1,0 +1,211 @@
+"""One experiment from a plain config: load data, split, build, run rounds, log, summarise.
+
+Outputs in ``output_dir``:
+
+* ``rounds.jsonl``: one JSON object per round (round, test accuracy when evaluated,
+  seconds in local training / attack / detection / aggregation, participants, flagged
+  clients and any per-client values the defense reports), appended and flushed each round;
+* ``summary.json``: config, final metrics, wall time, jax version and device, rewritten
+  atomically after every evaluation so a stopped run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+from absl import logging
+from jax.flatten_util import ravel_pytree
+
+from fedredefense_jax import attacks as attacks_lib
+from fedredefense_jax import data as data_lib
+from fedredefense_jax import defenses as defenses_lib
+from fedredefense_jax import models, partition, simulation, training
+
+
+class ConfigError(ValueError):
+    """A bad setting; ``flag`` names the flag at fault."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"--{flag}: {message}")
+        self.flag = flag
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    model: str = "cnn"
+    conv_impl: str = "auto"
+    num_clients: int = 100
+    num_malicious: int = 28
+    beta: float = 0.1
+    rounds: int = 500
+    local_epochs: int = 1
+    participation_rate: float = 1.0
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    output_dir: str = "runs/default"
+    eval_every: int = 10
+    attack: str = "none"
+    defense: str = "fedavg"
+    layout: str | None = None
+    attack_config: dict = dataclasses.field(default_factory=dict)
+    defense_config: dict = dataclasses.field(default_factory=dict)
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Raises ConfigError naming the first bad flag."""
+    if cfg.dataset not in data_lib.SPECS:
+        raise ConfigError("dataset", f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(sorted(data_lib.SPECS))}")
+    if cfg.model not in models.MODEL_NAMES:
+        raise ConfigError("model", f"unknown model {cfg.model!r}; choose one of {', '.join(models.MODEL_NAMES)}")
+    if cfg.conv_impl not in ("auto", "xla", "matmul"):
+        raise ConfigError("conv_impl", f"must be auto, xla or matmul, got {cfg.conv_impl!r}")
+    if cfg.num_clients < 1:
+        raise ConfigError("num_clients", f"must be >= 1, got {cfg.num_clients}")
+    if not 0 <= cfg.num_malicious <= cfg.num_clients:
+        raise ConfigError("num_malicious", f"must be in [0, num_clients={cfg.num_clients}], got {cfg.num_malicious}")
+    if not (cfg.beta > 0 and math.isfinite(cfg.beta)):
+        raise ConfigError("beta", f"must be a finite number > 0, got {cfg.beta}")
+    if cfg.rounds < 1:
+        raise ConfigError("rounds", f"must be >= 1, got {cfg.rounds}")
+    if cfg.local_epochs < 1:
+        raise ConfigError("local_epochs", f"must be >= 1, got {cfg.local_epochs}")
+    if not 0 < cfg.participation_rate <= 1:
+        raise ConfigError("participation_rate", f"must be in (0, 1], got {cfg.participation_rate}")
+    if cfg.batch_size < 1:
+        raise ConfigError("batch_size", f"must be >= 1, got {cfg.batch_size}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ConfigError("lr", f"must be a finite number > 0, got {cfg.lr}")
+    if cfg.eval_every < 1:
+        raise ConfigError("eval_every", f"must be >= 1, got {cfg.eval_every}")
+    if cfg.layout is not None and cfg.layout not in training.LAYOUTS:
+        raise ConfigError("layout", f"must be one of {', '.join(training.LAYOUTS)}, got {cfg.layout!r}")
+    if cfg.attack not in attacks_lib.names():
+        raise ConfigError("attack", f"unknown attack {cfg.attack!r}; registered: {', '.join(attacks_lib.names())}")
+    if cfg.defense not in defenses_lib.names():
+        raise ConfigError("defense", f"unknown defense {cfg.defense!r}; registered: {', '.join(defenses_lib.names())}")
+    if cfg.data_dir is not None and not os.path.exists(cfg.data_dir):
+        raise ConfigError("data_dir", f"no such file or directory: {cfg.data_dir}")
+
+
+def _atomic_json(path: str, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def environment() -> dict:
+    """Versions and device, so that a run can be repeated."""
+    import flax
+    import optax
+
+    dev = jax.devices()[0]
+    return {
+        "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
+        "python": platform.python_version(), "backend": jax.default_backend(),
+        "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}", "num_devices": jax.device_count(),
+        "host": platform.node(),
+    }
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built from a config before the first round."""
+
+    dataset: data_lib.Dataset
+    parts: list
+    federation: simulation.Federation
+    predict: Callable
+    split: dict
+
+
+def build(cfg: ExperimentConfig) -> Setup:
+    """Loads the data, splits it, builds the model, attack and defense."""
+    ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir)
+    spec = ds.spec
+    parts = partition.dirichlet_split(ds.train_y, cfg.num_clients, cfg.beta, cfg.seed, spec.num_classes)
+    clients = partition.stack_clients(ds.train_x, ds.train_y, parts)
+    model = models.build_model(cfg.model, cfg.dataset, spec.num_classes, cfg.conv_impl)
+    params = models.init_params(model, jax.random.key(cfg.seed), spec.input_shape)
+    w0, unravel = ravel_pytree(params)
+    apply_fn = models.make_apply_fn(model)
+    attack = attacks_lib.make(cfg.attack, attacks_lib.AttackContext(
+        cfg.num_clients, cfg.num_malicious, w0, cfg.defense, dict(cfg.attack_config)))
+    defense = defenses_lib.make(cfg.defense, defenses_lib.DefenseContext(
+        apply_fn, unravel, cfg.num_clients, cfg.num_malicious, spec.num_classes, spec.input_shape,
+        cfg.dataset, w0, dict(cfg.defense_config)))
+    fl = simulation.FLConfig(cfg.num_clients, cfg.num_malicious, cfg.participation_rate, cfg.rounds,
+                             cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.seed, cfg.layout)
+    fed = simulation.build_federation(fl, clients, apply_fn, unravel, w0, spec.mean, spec.std, attack, defense)
+    predict = training.make_predictor(apply_fn, unravel, spec.mean, spec.std)
+    return Setup(ds, parts, fed, predict, partition.split_stats(ds.train_y, parts, spec.num_classes))
+
+
+def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
+    """Runs the experiment; returns the summary (also written to ``summary.json``)."""
+    validate(cfg)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    start = time.time()
+    setup = build(cfg)
+    fed = setup.federation
+    logging.info("split: %s", setup.split)
+    state = simulation.init_state(fed)
+    rounds_path = os.path.join(cfg.output_dir, "rounds.jsonl")
+    summary = {"config": dataclasses.asdict(cfg), "environment": environment(), "split": setup.split,
+               "param_count": int(fed.init_params.size), "status": "running"}
+    accs = {}
+    round_times = []
+    with open(rounds_path, "w") as log:
+        for t in range(1, cfg.rounds + 1):
+            r0 = time.time()
+            state, rec = simulation.step(fed, state)
+            if t % cfg.eval_every == 0 or t == cfg.rounds:
+                rec["test_acc"] = training.accuracy(setup.predict, state.params, setup.dataset.test_x,
+                                                    setup.dataset.test_y)
+                accs[t] = rec["test_acc"]
+            rec["round_s"] = time.time() - r0
+            round_times.append(rec["round_s"])
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            if "test_acc" in rec:
+                summary.update(_final_metrics(cfg, fed, state, accs, round_times, start))
+                _atomic_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+            if progress:
+                eta = np.median(round_times[-10:]) * (cfg.rounds - t)
+                acc = f"acc {rec['test_acc']:.4f} " if "test_acc" in rec else ""
+                logging.info("round %d/%d %s(%.2fs/round, train %.2fs, detect %.2fs) ETA %s", t, cfg.rounds,
+                             acc, rec["round_s"], rec["train_s"], rec["detection_s"], _hms(eta))
+    summary.update(_final_metrics(cfg, fed, state, accs, round_times, start))
+    summary["status"] = "done"
+    _atomic_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    return summary
+
+
+def _final_metrics(cfg, fed, state, accs, round_times, start) -> dict:
+    last = max(accs) if accs else None
+    return {
+        "rounds_done": state.round,
+        "test_acc": accs.get(last) if last else None,
+        "test_acc_by_round": {str(k): v for k, v in sorted(accs.items())},
+        "expelled": np.flatnonzero(state.expelled).tolist(),
+        "seconds_per_round_median": float(np.median(round_times)) if round_times else None,
+        "wall_s": time.time() - start,
+    }
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,183 @@
+"""Algorithm 1 as an explicit state and a step function.
+
+One round ``t``::
+
+    M^t  <- uniform sample of round(rate * p) clients among those not expelled
+    g_i  <- local training of every i in M^t from w^{t-1}          (one compiled program)
+    g    <- attack(g)           rows of malicious clients rewritten (plug point)
+    a, flagged <- defense(g)    detection + aggregation             (plug point)
+    w^t  <- w^{t-1} + a;   expelled |= flagged
+
+The federation (data, model, compiled kernels, attack and defense) is a static
+``Federation``; everything that changes is in ``SimState``. Participation slots are padded
+to a multiple of ``SLOT_BUCKET`` so that the compiled programs keep their shapes when
+clients are expelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedredefense_jax import attacks as attacks_lib
+from fedredefense_jax import defenses as defenses_lib
+from fedredefense_jax import training
+from fedredefense_jax.partition import ClientData
+
+SLOT_BUCKET = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class FLConfig:
+    """Federation settings (the paper's defaults)."""
+
+    num_clients: int = 100
+    num_malicious: int = 28
+    participation_rate: float = 1.0
+    rounds: int = 500
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    layout: str | None = None
+
+
+@dataclasses.dataclass
+class SimState:
+    """Everything that changes during a run.
+
+    Attributes:
+      round: rounds completed.
+      params: flat ``[P]`` global model ``w^t``.
+      key: base PRNG key of the run (round keys are ``fold_in(key, t)``).
+      expelled: bool ``[p]``.
+      defense_state, attack_state: the plug-ins' explicit states.
+    """
+
+    round: int
+    params: jax.Array
+    key: jax.Array
+    expelled: np.ndarray
+    defense_state: Any
+    attack_state: Any
+
+
+@dataclasses.dataclass
+class Federation:
+    """The static parts of a simulation."""
+
+    config: FLConfig
+    clients: ClientData
+    client_x: jax.Array
+    client_y: jax.Array
+    client_counts: jax.Array
+    init_params: jax.Array
+    train: Callable
+    attack: attacks_lib.Attack
+    defense: defenses_lib.Defense
+
+    @property
+    def malicious(self) -> np.ndarray:
+        """bool ``[p]``: the last ``q`` client ids are malicious."""
+        m = np.zeros(self.config.num_clients, bool)
+        if self.config.num_malicious:
+            m[-self.config.num_malicious:] = True
+        return m
+
+    @property
+    def num_slots(self) -> int:
+        return max(1, int(round(self.config.participation_rate * self.config.num_clients)))
+
+
+def build_federation(config: FLConfig, clients: ClientData, apply_fn: Callable, unravel: Callable,
+                     init_params: jax.Array, mean, std, attack: attacks_lib.Attack,
+                     defense: defenses_lib.Defense) -> Federation:
+    train = training.make_trainer(apply_fn, unravel, mean, std, batch_size=config.batch_size,
+                                  lr=config.lr, epochs=config.local_epochs, layout=config.layout)
+    return Federation(config, clients, jnp.asarray(clients.x), jnp.asarray(clients.y),
+                      jnp.asarray(clients.counts), init_params, train, attack, defense)
+
+
+def init_state(fed: Federation) -> SimState:
+    key = jax.random.key(fed.config.seed)
+    dkey, akey = jax.random.split(jax.random.fold_in(key, 0x5eed))
+    return SimState(
+        round=0,
+        params=fed.init_params,
+        key=key,
+        expelled=np.zeros(fed.config.num_clients, bool),
+        defense_state=fed.defense.init(fed.config.num_clients, dkey),
+        attack_state=fed.attack.init(fed.config.num_clients, akey),
+    )
+
+
+def sample_participants(key: jax.Array, expelled: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform sample without replacement of up to ``num_slots`` non-expelled clients.
+
+    Returns ``(ids[S], valid[S])`` with ``S`` the participant count rounded up to a multiple
+    of ``SLOT_BUCKET`` (at most ``num_slots``); ids sorted; padding slots repeat the first id.
+    """
+    scores = np.asarray(jax.random.uniform(key, expelled.shape))
+    scores = np.where(expelled, np.inf, scores)
+    m = int(min(num_slots, (~expelled).sum()))
+    chosen = np.sort(np.argsort(scores, kind="stable")[:m])
+    s = min(num_slots, -(-m // SLOT_BUCKET) * SLOT_BUCKET) if m else SLOT_BUCKET
+    ids = np.full(s, chosen[0] if m else 0, np.int32)
+    ids[:m] = chosen
+    valid = np.arange(s) < m
+    return ids, valid
+
+
+def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
+    """Runs round ``state.round + 1``; returns the new state and the round's record."""
+    t = state.round + 1
+    rkey = jax.random.fold_in(state.key, t)
+    pkey, tkey, akey, dkey = jax.random.split(rkey, 4)
+    ids, valid = sample_participants(pkey, state.expelled, fed.num_slots)
+
+    t0 = time.perf_counter()
+    updates = fed.train(state.params, fed.client_x, fed.client_y, fed.client_counts, ids,
+                        training.client_keys(tkey, ids))
+    updates.block_until_ready()
+    t1 = time.perf_counter()
+
+    malicious = fed.malicious[ids] & valid
+    inp = attacks_lib.AttackInput(state.params, updates, jnp.asarray(malicious), jnp.asarray(valid),
+                                  jnp.asarray(ids), t, akey)
+    updates, attack_state = fed.attack.apply(state.attack_state, inp)
+    t2 = time.perf_counter()
+
+    out, defense_state = fed.defense.apply(
+        state.defense_state,
+        defenses_lib.DefenseInput(state.params, updates, jnp.asarray(ids), jnp.asarray(valid), t, dkey))
+    params = state.params + out.aggregate
+    params.block_until_ready()
+    t3 = time.perf_counter()
+
+    flagged = np.asarray(out.flagged) & valid
+    expelled = state.expelled.copy()
+    expelled[ids[flagged]] = True
+    info = {k: v for k, v in out.info.items()}
+    detection_s = float(info.pop("detection_s", 0.0))
+    record = {
+        "round": t,
+        "participants": ids[valid].tolist(),
+        "malicious": ids[valid & fed.malicious[ids]].tolist(),
+        "flagged": ids[flagged].tolist(),
+        "weights": np.asarray(out.weights)[valid].round(6).tolist(),
+        "train_s": t1 - t0,
+        "attack_s": t2 - t1,
+        "detection_s": detection_s,
+        "aggregation_s": (t3 - t2) - detection_s,
+        "global_finite": bool(jnp.all(jnp.isfinite(params))),
+    }
+    for k, v in info.items():
+        v = np.asarray(v)
+        record[k] = v[valid].tolist() if v.shape[:1] == valid.shape else v.tolist()
+    new_state = SimState(t, params, state.key, expelled, defense_state, attack_state)
+    return new_state, record
