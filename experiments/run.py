@@ -32,6 +32,24 @@ flags.DEFINE_string("attack", "none", "Attack name (see fedredefense_jax.attacks
 flags.DEFINE_string("defense", "fedavg", "Defense name (see fedredefense_jax.defenses.names()).")
 flags.DEFINE_string("layout", None, "Client batching: vmap, map or chunked; unset = fastest for the backend.")
 flags.DEFINE_float("attack_scale", 3.0, "Scaling factor of MPAF (and the scaling attacks).")
+# FedREDefense (unset = the paper's defaults: Section 5.1.4 and Table 7 for the dataset).
+flags.DEFINE_float("gamma", None, "Reconstruction-error threshold (paper: 0.6).")
+flags.DEFINE_integer("inner_steps", None, "Inner GD steps N of the virtual model (paper: 5).")
+flags.DEFINE_integer("distill_images_per_class", None, "Synthetic images per class (paper: 1).")
+flags.DEFINE_float("lr_images", None, "Outer LR of the synthetic images (Table 7).")
+flags.DEFINE_float("lr_labels", None, "Outer LR of the label logits (Table 7).")
+flags.DEFINE_float("alpha_init", None, "Initial virtual-model LR alpha (Table 7).")
+flags.DEFINE_float("lr_alpha", None, "Outer LR of alpha (Table 7).")
+flags.DEFINE_integer("first_cap", None, "Outer-iteration cap at a client's first participation (Table 7 'Initial Round of M').")
+flags.DEFINE_integer("later_cap", None, "Outer-iteration cap later (Table 7 'Upper Bound of M').")
+flags.DEFINE_enum("redefense_variant", "dynamic", ["dynamic", "continuous", "intermittent"],
+                  "Optimisation schedule of Appendix B.3.")
+flags.DEFINE_string("redefense_layout", "auto", "Reconstruction batching over clients: auto, vmap or map.")
+
+_REDEFENSE_FLAGS = {"gamma": "gamma", "inner_steps": "inner_steps", "distill_images_per_class": "images_per_class",
+                    "lr_images": "lr_images", "lr_labels": "lr_labels", "alpha_init": "alpha_init",
+                    "lr_alpha": "lr_alpha", "first_cap": "first_cap", "later_cap": "later_cap",
+                    "redefense_variant": "variant", "redefense_layout": "layout"}
 
 
 def config_from_flags():
@@ -43,7 +61,9 @@ def config_from_flags():
         rounds=FLAGS.rounds, local_epochs=FLAGS.local_epochs, participation_rate=FLAGS.participation_rate,
         batch_size=FLAGS.batch_size, lr=FLAGS.lr, seed=FLAGS.seed, output_dir=FLAGS.output_dir,
         eval_every=FLAGS.eval_every, attack=FLAGS.attack, defense=FLAGS.defense, layout=FLAGS.layout,
-        attack_config={"scale": FLAGS.attack_scale}, defense_config={})
+        attack_config={"scale": FLAGS.attack_scale},
+        defense_config={key: FLAGS[name].value for name, key in _REDEFENSE_FLAGS.items()
+                        if FLAGS[name].value is not None})
 
 
 def main(argv):

@@ -144,3 +144,52 @@ def expelled_clients(flagged, client_ids, valid, num_clients: int) -> np.ndarray
     """``[C]`` bool final labels from per-slot ``flagged[T, S]``: flagged in any round."""
     per_client = slots_to_clients(np.asarray(flagged, bool), client_ids, valid, num_clients, False)
     return per_client.any(axis=0)
+
+
+def records_to_arrays(records: list[dict], num_clients: int) -> dict:
+    """Per-round records of the simulator (participants, weights and optional per-participant
+    'error' / 'iterations' lists) -> ``[T, C]`` arrays ``participated``, ``weights``,
+    ``error`` (NaN where absent) and ``iterations``."""
+    t = len(records)
+    out = {"participated": np.zeros((t, num_clients), bool), "weights": np.zeros((t, num_clients)),
+           "error": np.full((t, num_clients), np.nan), "iterations": np.zeros((t, num_clients))}
+    for i, r in enumerate(records):
+        ids = np.asarray(r["participants"], int)
+        out["participated"][i, ids] = True
+        out["weights"][i, ids] = r["weights"]
+        if "error" in r:
+            out["error"][i, ids] = [np.nan if e is None else e for e in r["error"]]
+        if "iterations" in r:
+            out["iterations"][i, ids] = r["iterations"]
+    return out
+
+
+def summarize(records: list[dict], malicious, expelled) -> dict:
+    """The detection summary of a run: DACC/FPR/FNR of the final labels (``expelled[C]``),
+    AAR, ADACC/AFPR/AFNR, and, when the defense reports them, AOI and the benign/malicious
+    reconstruction-error distributions (Table 10)."""
+    malicious = np.asarray(malicious, bool)
+    arr = records_to_arrays(records, malicious.size)
+    out = detection_metrics(expelled, malicious)
+    out["aar"] = aar(arr["weights"], malicious)
+    prd = per_round_detection(arr["weights"], arr["participated"], malicious)
+    out.update({k: prd[k] for k in ("adacc", "afpr", "afnr")})
+    if records and "iterations" in records[0]:
+        out["aoi"] = aoi(arr["iterations"], arr["participated"])
+        it = arr["iterations"][arr["participated"]]
+        out["iterations_max"] = float(it.max()) if it.size else float("nan")
+    if records and "error" in records[0]:
+        dist = error_distribution(arr["error"], malicious, arr["participated"])
+        out["error_benign"] = dict(zip(("mean", "std", "count"), dist["benign"]))
+        out["error_malicious"] = dict(zip(("mean", "std", "count"), dist["malicious"]))
+        first = error_distribution(_first_participation(arr["error"], arr["participated"]), malicious)
+        out["error_first_benign"] = dict(zip(("mean", "std", "count"), first["benign"]))
+        out["error_first_malicious"] = dict(zip(("mean", "std", "count"), first["malicious"]))
+    return out
+
+
+def _first_participation(errors, participated):
+    """``[C]`` error of each client at its first participation (NaN if it never took part)."""
+    first = np.argmax(participated, axis=0)
+    out = errors[first, np.arange(errors.shape[1])]
+    return np.where(participated.any(axis=0), out, np.nan)

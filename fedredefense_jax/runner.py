@@ -28,7 +28,7 @@ from jax.flatten_util import ravel_pytree
 from fedredefense_jax import attacks as attacks_lib
 from fedredefense_jax import data as data_lib
 from fedredefense_jax import defenses as defenses_lib
-from fedredefense_jax import models, partition, simulation, training
+from fedredefense_jax import metrics, models, partition, simulation, training
 
 
 class ConfigError(ValueError):
@@ -63,6 +63,14 @@ class ExperimentConfig:
     defense_config: dict = dataclasses.field(default_factory=dict)
 
 
+# (flag, defense_config key, lower bound, strict) of FedREDefense's numeric settings.
+_DEFENSE_RANGES = (("gamma", "gamma", 0, True), ("inner_steps", "inner_steps", 1, False),
+                   ("distill_images_per_class", "images_per_class", 1, False),
+                   ("lr_images", "lr_images", 0, False), ("lr_labels", "lr_labels", 0, False),
+                   ("alpha_init", "alpha_init", 0, True), ("lr_alpha", "lr_alpha", 0, False),
+                   ("first_cap", "first_cap", 1, False), ("later_cap", "later_cap", 1, False))
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Raises ConfigError naming the first bad flag."""
     if cfg.dataset not in data_lib.SPECS:
@@ -95,14 +103,35 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("attack", f"unknown attack {cfg.attack!r}; registered: {', '.join(attacks_lib.names())}")
     if cfg.defense not in defenses_lib.names():
         raise ConfigError("defense", f"unknown defense {cfg.defense!r}; registered: {', '.join(defenses_lib.names())}")
+    for flag, key, low, strict in _DEFENSE_RANGES:
+        v = cfg.defense_config.get(key)
+        if v is not None and not (math.isfinite(v) and (v > low if strict else v >= low)):
+            raise ConfigError(flag, f"must be a finite number {'>' if strict else '>='} {low}, got {v}")
+    if not math.isfinite(cfg.attack_config.get("scale", 1.0)):
+        raise ConfigError("attack_scale", "must be finite")
     if cfg.data_dir is not None and not os.path.exists(cfg.data_dir):
         raise ConfigError("data_dir", f"no such file or directory: {cfg.data_dir}")
+
+
+def jsonable(obj):
+    """``obj`` with non-finite floats as None (JSON has no NaN) and numpy scalars as Python."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
 
 
 def _atomic_json(path: str, obj) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(jsonable(obj), f, indent=2, allow_nan=False)
     os.replace(tmp, path)
 
 
@@ -168,6 +197,7 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
                "param_count": int(fed.init_params.size), "status": "running"}
     accs = {}
     round_times = []
+    records = []
     with open(rounds_path, "w") as log:
         for t in range(1, cfg.rounds + 1):
             r0 = time.time()
@@ -178,25 +208,28 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
                 accs[t] = rec["test_acc"]
             rec["round_s"] = time.time() - r0
             round_times.append(rec["round_s"])
-            log.write(json.dumps(rec) + "\n")
+            records.append({k: rec[k] for k in ("participants", "weights", "error", "iterations") if k in rec})
+            log.write(json.dumps(jsonable(rec), allow_nan=False) + "\n")
             log.flush()
             if "test_acc" in rec:
-                summary.update(_final_metrics(cfg, fed, state, accs, round_times, start))
+                summary.update(_final_metrics(cfg, fed, state, accs, round_times, start, records))
                 _atomic_json(os.path.join(cfg.output_dir, "summary.json"), summary)
             if progress:
                 eta = np.median(round_times[-10:]) * (cfg.rounds - t)
                 acc = f"acc {rec['test_acc']:.4f} " if "test_acc" in rec else ""
                 logging.info("round %d/%d %s(%.2fs/round, train %.2fs, detect %.2fs) ETA %s", t, cfg.rounds,
                              acc, rec["round_s"], rec["train_s"], rec["detection_s"], _hms(eta))
-    summary.update(_final_metrics(cfg, fed, state, accs, round_times, start))
+    summary.update(_final_metrics(cfg, fed, state, accs, round_times, start, records))
     summary["status"] = "done"
     _atomic_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     return summary
 
 
-def _final_metrics(cfg, fed, state, accs, round_times, start) -> dict:
+def _final_metrics(cfg, fed, state, accs, round_times, start, records) -> dict:
     last = max(accs) if accs else None
+    det = metrics.summarize(records, fed.malicious, state.expelled)
     return {
+        "detection": det,
         "rounds_done": state.round,
         "test_acc": accs.get(last) if last else None,
         "test_acc_by_round": {str(k): v for k, v in sorted(accs.items())},

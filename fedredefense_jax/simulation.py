@@ -178,6 +178,9 @@ def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
     }
     for k, v in info.items():
         v = np.asarray(v)
-        record[k] = v[valid].tolist() if v.shape[:1] == valid.shape else v.tolist()
+        v = v[valid] if v.shape[:1] == valid.shape else v
+        if v.dtype.kind == "f":  # JSON has no NaN: non-finite values are recorded as null
+            v = np.where(np.isfinite(v), v, None)
+        record[k] = v.tolist()
     new_state = SimState(t, params, state.key, expelled, defense_state, attack_state)
     return new_state, record

@@ -30,6 +30,9 @@ def _run_cli(*args, timeout=300):
     (["--model=resnet"], "model"),
     (["--attack=nope"], "attack"),
     (["--data_dir=/nonexistent/fmnist"], "data_dir"),
+    (["--defense=fedredefense", "--gamma=-0.1"], "gamma"),
+    (["--defense=fedredefense", "--first_cap=0"], "first_cap"),
+    (["--rounds=0"], "rounds"),
 ])
 def test_bad_flags_fail_in_one_line(args, flag, tmp_path):
     r = _run_cli(*args, f"--output_dir={tmp_path / 'out'}")
@@ -81,6 +84,28 @@ def test_same_seed_same_result(tmp_path):
     for a, b in zip(*accs):
         assert a["participants"] == b["participants"] and a["test_acc"] == b["test_acc"]
     assert len(accs[0][0]["participants"]) == 2
+
+
+def test_fedredefense_run_records_errors_and_detection(tmp_path):
+    """A tiny run under FedREDefense with sign-flip attackers: every participant gets an error
+    and an iteration count each round, and the summary holds the detection metrics."""
+    d = tmp_path / "fm"
+    write_idx_dir(d, n_train=160, n_test=40)
+    out = tmp_path / "out"
+    cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=2, rounds=2, eval_every=1,
+                                  attack="sign_flip", defense="fedredefense", output_dir=str(out),
+                                  defense_config={"first_cap": 20, "later_cap": 20})
+    s = runner.run(cfg, progress=False)
+    rows = [json.loads(ln) for ln in open(out / "rounds.jsonl")]
+    assert len(rows[0]["error"]) == len(rows[0]["participants"]) == 4
+    assert all(1 <= it <= 20 for it in rows[0]["iterations"])
+    flagged0 = set(rows[0]["flagged"])
+    assert all((e > 0.6) == (c in flagged0) for e, c in zip(rows[0]["error"], rows[0]["participants"]))
+    assert set(rows[1]["participants"]) == {0, 1, 2, 3} - flagged0  # flagged clients are expelled
+    det = json.load(open(out / "summary.json"))["detection"]
+    assert det == s["detection"] or det.keys() == s["detection"].keys()
+    for k in ("dacc", "fpr", "fnr", "aar", "aoi", "error_benign", "error_malicious"):
+        assert k in det
 
 
 def test_fashion_mnist_end_to_end(shared_data, tmp_path):

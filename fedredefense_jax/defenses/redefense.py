@@ -64,6 +64,8 @@ import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -661,9 +663,11 @@ def make_redefense(ctx: DefenseContext) -> Defense:
         kn = _gather_clients(state.knowledge, jnp.asarray(gather_ids), cfg.reset_momentum)
         last_opt = np.asarray(state.last_opt_round)[gather_ids]
         caps = iteration_caps(cfg, kn.seen, last_opt, inp.round)
+        t0 = time.perf_counter()
         res = rec.reconstruct(kn, inp.global_params, jnp.where(run[:, None], updates, 0.0),
                               caps, run, early_stop=cfg.variant == "dynamic",
                               final_eval=cfg.variant != "dynamic")
+        detection_s = time.perf_counter() - t0
 
         errors = res.errors
         with np.errstate(invalid="ignore"):
@@ -683,7 +687,7 @@ def make_redefense(ctx: DefenseContext) -> Defense:
             flagged=jnp.asarray(flagged),
             weights=jnp.asarray(weights),
             info={"error": jnp.asarray(errors), "iterations": jnp.asarray(res.iterations),
-                  "invalid_update": jnp.asarray(bad)},
+                  "invalid_update": jnp.asarray(bad), "detection_s": detection_s},
         )
         return out, RedefenseState(knowledge, last_opt_round)
 
