@@ -17,8 +17,7 @@ the name of the server's aggregation rule. Register a new attack from outside th
 
 from __future__ import annotations
 
-from typing import Callable
-
+from fedredefense_jax.registry import Registry
 from fedredefense_jax.attacks.base import (  # noqa: F401  (re-exported)
     Attack,
     AttackContext,
@@ -26,33 +25,12 @@ from fedredefense_jax.attacks.base import (  # noqa: F401  (re-exported)
     replace_malicious,
 )
 
-_REGISTRY: dict[str, Callable[[AttackContext], Attack]] = {}
-
-
-def register(name: str):
-    """Decorator registering ``factory(ctx) -> Attack`` under ``name``."""
-
-    def wrap(factory):
-        if name in _REGISTRY:
-            raise ValueError(f"attack {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
-
-
-def names() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
-
-
-def make(name: str, ctx: AttackContext) -> Attack:
-    """Builds the registered attack ``name``; ValueError naming the valid ones if unknown."""
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown attack {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](ctx)
-
 
 def _load_builtins() -> None:
     from fedredefense_jax.attacks import handcrafted as _handcrafted  # noqa: F401
+
+
+_REGISTRY = Registry("attack", _load_builtins)
+register = _REGISTRY.register
+names = _REGISTRY.names
+make = _REGISTRY.make
