@@ -33,6 +33,10 @@ flags.DEFINE_list("layouts", ["loop", "vmap", "map", "chunked:4", "chunked:8", "
                   "What to time; 'loop' is the baseline.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per layout (median reported).")
 flags.DEFINE_string("output", "benchmark.json", "Where the JSON results go.")
+flags.DEFINE_list("parts", ["training", "redefense"], "Which benchmarks to run.")
+flags.DEFINE_integer("redefense_clients", 16, "Clients reconstructed at once in the FedREDefense benchmark.")
+flags.DEFINE_integer("redefense_iters", 8, "Outer iterations per client (fixed: early stop off).")
+flags.DEFINE_list("redefense_layouts", ["loop", "map", "vmap"], "FedREDefense layouts; 'loop' is the baseline.")
 
 
 def _client_data(num_clients: int, data_dir: str | None):
@@ -98,17 +102,72 @@ def bench_local_training(num_clients, data_dir, model_name, conv_impl, layouts, 
             "fastest": best, "default_layout": training.default_layout()}
 
 
+def bench_reconstruction(model_name, conv_impl, num_clients, iters, layouts, repeats) -> dict:
+    """FedREDefense's outer iterations (Algorithm 2, N=5 inner steps, 10 synthetic images)
+    for ``num_clients`` clients at a fixed ``iters`` iterations each (no early stop, so all
+    layouts do the same work), batched vs a Python loop over clients."""
+    from fedredefense_jax.defenses import redefense
+
+    spec = data_lib.SPECS["fashion_mnist"]
+    model = models.build_model(model_name, "fashion_mnist", 10, conv_impl)
+    w0, unravel = ravel_pytree(models.init_params(model, jax.random.key(0), spec.input_shape))
+    apply_fn = models.make_apply_fn(model)
+    updates = 1e-3 * jax.random.normal(jax.random.key(1), (num_clients, w0.size))
+    kn = redefense.init_knowledge(jax.random.key(2), num_clients, spec.input_shape, 10)
+    caps = np.full(num_clients, iters, np.int32)
+    run = np.ones(num_clients, bool)
+    cfg = redefense.make_config("fashion_mnist")
+    fn1 = jax.jit(lambda x, y, a: redefense.outer_value_and_grad(
+        apply_fn, unravel, w0, updates[0], x, y, a, cfg.inner_steps, None, cfg.inner_unroll))
+    ca = fn1.lower(kn.images[0], kn.label_logits[0], kn.alpha[0]).compile().cost_analysis()
+    flops = (ca[0] if isinstance(ca, list) else ca).get("flops", float("nan"))
+    total = flops * num_clients * iters
+    results = {}
+    for layout in layouts:
+        rec = redefense.Reconstructor(apply_fn, unravel, cfg.__class__(
+            **{**cfg.__dict__, "layout": "map" if layout == "loop" else layout, "first_chunk": iters,
+               "chunk": iters}))
+        if layout == "loop":
+            one = lambda i: jax.tree.map(lambda a: a[i:i + 1], kn)  # noqa: E731
+            def fn(rec=rec):
+                return [rec.reconstruct(one(i), w0, updates[i:i + 1], caps[:1], run[:1],
+                                        early_stop=False).errors for i in range(num_clients)]
+        else:
+            def fn(rec=rec):
+                return rec.reconstruct(kn, w0, updates, caps, run, early_stop=False).errors
+        sec, first = _median_time(fn, repeats)
+        results[layout] = {"seconds": sec, "ms_per_client_iteration": 1e3 * sec / (num_clients * iters),
+                           "gflops_per_s": total / sec / 1e9, "first_call_s": first}
+        print(f"  {layout:6s} {1e3 * sec / (num_clients * iters):8.1f} ms per client-iteration  "
+              f"{total / sec / 1e9:6.1f} GFLOP/s  (first call {first:.1f} s)", flush=True)
+    base = results.get("loop", {}).get("seconds")
+    if base:
+        for r in results.values():
+            r["speedup_vs_loop"] = base / r["seconds"]
+    return {"model": model_name, "num_clients": num_clients, "iterations": iters,
+            "flops_per_client_iteration": flops, "layouts": results}
+
+
 def main(argv):
     del argv
     out = {"environment": runner.environment(), "repeats": FLAGS.repeats}
-    print(f"local training, {FLAGS.num_clients} clients, model {FLAGS.model}, backend {jax.default_backend()}")
-    out["local_training"] = bench_local_training(FLAGS.num_clients, FLAGS.data_dir, FLAGS.model,
-                                                 FLAGS.conv_impl, FLAGS.layouts, FLAGS.repeats)
-    lt = out["local_training"]
-    for k, r in lt["layouts"].items():
-        if "speedup_vs_loop" in r:
-            print(f"  {k:12s} speed-up vs loop: {r['speedup_vs_loop']:.2f}x")
-    print(f"  fastest batched layout: {lt['fastest']} (default on this backend: {lt['default_layout']})")
+    if "training" in FLAGS.parts:
+        print(f"local training, {FLAGS.num_clients} clients, model {FLAGS.model}, backend {jax.default_backend()}")
+        out["local_training"] = bench_local_training(FLAGS.num_clients, FLAGS.data_dir, FLAGS.model,
+                                                     FLAGS.conv_impl, FLAGS.layouts, FLAGS.repeats)
+        lt = out["local_training"]
+        for k, r in lt["layouts"].items():
+            if "speedup_vs_loop" in r:
+                print(f"  {k:12s} speed-up vs loop: {r['speedup_vs_loop']:.2f}x")
+        print(f"  fastest batched layout: {lt['fastest']} (default on this backend: {lt['default_layout']})")
+    if "redefense" in FLAGS.parts:
+        print(f"FedREDefense reconstruction, {FLAGS.redefense_clients} clients x {FLAGS.redefense_iters} "
+              f"outer iterations, model {FLAGS.model}")
+        out["reconstruction"] = bench_reconstruction(FLAGS.model, FLAGS.conv_impl, FLAGS.redefense_clients,
+                                                     FLAGS.redefense_iters, FLAGS.redefense_layouts, FLAGS.repeats)
+        for k, r in out["reconstruction"]["layouts"].items():
+            if "speedup_vs_loop" in r:
+                print(f"  {k:6s} speed-up vs loop: {r['speedup_vs_loop']:.2f}x")
     with open(FLAGS.output, "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {FLAGS.output}")
