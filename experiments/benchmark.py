@@ -75,7 +75,9 @@ def bench_local_training(num_clients, data_dir, model_name, conv_impl, layouts, 
     one = jax.jit(training.make_client_update(apply_fn, unravel, spec.mean, spec.std,
                                               batch_size=32, lr=1e-3, epochs=1))
     flops = one.lower(w0, cx[0], cy[0], cn[0], keys[0]).compile().cost_analysis()
-    flops = (flops[0] if isinstance(flops, list) else flops).get("flops", float("nan"))
+    # XLA's cost analysis counts a loop body once: scale by the steps of the epoch's scan.
+    steps = -(-cd.x.shape[1] // 32)
+    flops = (flops[0] if isinstance(flops, list) else flops).get("flops", float("nan")) * steps
     total_flops = flops * num_clients
     results = {}
     for layout in layouts:

@@ -33,7 +33,7 @@ LAYOUTS = ("vmap", "map", "chunked")
 
 def default_layout() -> str:
     """The layout measured fastest per backend (see experiments/benchmark.py)."""
-    return "chunked" if jax.default_backend() == "cpu" else "vmap"
+    return "map" if jax.default_backend() == "cpu" else "vmap"
 
 
 def normalize(x_uint8: jax.Array, mean, std) -> jax.Array:
