@@ -12,6 +12,7 @@ JSON to ``--output``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -63,6 +64,14 @@ def _median_time(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(times), first
 
 
+def _add_speedups(results: dict, time_key: str) -> None:
+    """Adds ``speedup_vs_loop`` (loop time / layout time) to every layout when 'loop' ran."""
+    base = results.get("loop", {}).get(time_key)
+    if base:
+        for r in results.values():
+            r["speedup_vs_loop"] = base / r[time_key]
+
+
 def bench_local_training(num_clients, data_dir, model_name, conv_impl, layouts, repeats) -> dict:
     spec = data_lib.SPECS["fashion_mnist"]
     cd = _client_data(num_clients, data_dir)
@@ -94,10 +103,7 @@ def bench_local_training(num_clients, data_dir, model_name, conv_impl, layouts, 
                            "gflops_per_s": total_flops / sec / 1e9}
         print(f"  {layout:12s} {sec:8.2f} s/round  {total_flops / sec / 1e9:6.1f} GFLOP/s  "
               f"(first call {first:.1f} s)", flush=True)
-    base = results.get("loop", {}).get("seconds_per_round")
-    if base:
-        for r in results.values():
-            r["speedup_vs_loop"] = base / r["seconds_per_round"]
+    _add_speedups(results, "seconds_per_round")
     best = min((k for k in results if k != "loop"), key=lambda k: results[k]["seconds_per_round"], default=None)
     return {"num_clients": num_clients, "model": model_name, "conv_impl": models.resolve_conv_impl(conv_impl),
             "flops_per_client_epoch": flops, "flops_per_round": total_flops, "layouts": results,
@@ -126,9 +132,8 @@ def bench_reconstruction(model_name, conv_impl, num_clients, iters, layouts, rep
     total = flops * num_clients * iters
     results = {}
     for layout in layouts:
-        rec = redefense.Reconstructor(apply_fn, unravel, cfg.__class__(
-            **{**cfg.__dict__, "layout": "map" if layout == "loop" else layout, "first_chunk": iters,
-               "chunk": iters}))
+        rec = redefense.Reconstructor(apply_fn, unravel, dataclasses.replace(
+            cfg, layout="map" if layout == "loop" else layout, first_chunk=iters, chunk=iters))
         if layout == "loop":
             one = lambda i: jax.tree.map(lambda a: a[i:i + 1], kn)  # noqa: E731
             def fn(rec=rec):
@@ -142,10 +147,7 @@ def bench_reconstruction(model_name, conv_impl, num_clients, iters, layouts, rep
                            "gflops_per_s": total / sec / 1e9, "first_call_s": first}
         print(f"  {layout:6s} {1e3 * sec / (num_clients * iters):8.1f} ms per client-iteration  "
               f"{total / sec / 1e9:6.1f} GFLOP/s  (first call {first:.1f} s)", flush=True)
-    base = results.get("loop", {}).get("seconds")
-    if base:
-        for r in results.values():
-            r["speedup_vs_loop"] = base / r["seconds"]
+    _add_speedups(results, "seconds")
     return {"model": model_name, "num_clients": num_clients, "iterations": iters,
             "flops_per_client_iteration": flops, "layouts": results}
 
