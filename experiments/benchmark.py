@@ -7,6 +7,10 @@ update. Each timing is the median of ``--repeats`` runs after a compile-and-warm
 FLOPs come from XLA's cost analysis of the per-client program. Prints a table and writes
 JSON to ``--output``.
 
+FedREDefense (``--parts=redefense``): outer iterations per client at a fixed count.
+Detection round (``--parts=detection``): a whole round of dynamic reconstruction for
+``--detection_clients`` real clients, first participation and steady state.
+
     python experiments/benchmark.py --data_dir=../shared/data/fashion_mnist --output=bench.json
 """
 
@@ -18,6 +22,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from jax.flatten_util import ravel_pytree
@@ -34,10 +39,14 @@ flags.DEFINE_list("layouts", ["loop", "vmap", "map", "chunked:4", "chunked:8", "
                   "What to time; 'loop' is the baseline.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per layout (median reported).")
 flags.DEFINE_string("output", "benchmark.json", "Where the JSON results go.")
-flags.DEFINE_list("parts", ["training", "redefense"], "Which benchmarks to run.")
+flags.DEFINE_list("parts", ["training", "redefense"], "Which benchmarks to run: training, redefense, detection.")
 flags.DEFINE_integer("redefense_clients", 16, "Clients reconstructed at once in the FedREDefense benchmark.")
 flags.DEFINE_integer("redefense_iters", 8, "Outer iterations per client (fixed: early stop off).")
 flags.DEFINE_list("redefense_layouts", ["loop", "map", "vmap"], "FedREDefense layouts; 'loop' is the baseline.")
+flags.DEFINE_integer("detection_clients", 100, "Clients in the detection-round benchmark (part 'detection').")
+flags.DEFINE_integer("first_cap", None, "Iteration cap at first participation (unset: Table 7's).")
+flags.DEFINE_integer("later_cap", None, "Iteration cap at later participations (unset: Table 7's).")
+flags.DEFINE_integer("detection_repeats", 1, "Timed runs per layout after the compiling run (detection part).")
 
 
 def _client_data(num_clients: int, data_dir: str | None):
@@ -152,6 +161,99 @@ def bench_reconstruction(model_name, conv_impl, num_clients, iters, layouts, rep
             "flops_per_client_iteration": flops, "layouts": results}
 
 
+def _stats(a) -> dict:
+    a = np.asarray(a, np.float64)
+    return {"mean": float(a.mean()), "median": float(np.median(a)), "min": float(a.min()),
+            "max": float(a.max())}
+
+
+def bench_detection(data_dir, model_name, conv_impl, num_clients, layouts, repeats,
+                    first_cap=None, later_cap=None) -> dict:
+    """One FedREDefense detection round for ``num_clients`` real Fashion-MNIST clients
+    (beta 0.1 split, seed 0), with dynamic optimisation (early stop at gamma, Table 7 caps):
+
+    * first participation: fresh knowledge, the updates of round 1 (from the initial model);
+    * steady state: the knowledge fitted in the first participation, round 2's updates (from
+      the FedAvg of round 1's updates).
+
+    Batched layouts (one compiled program per iteration chunk, finished clients compacted
+    away) against a Python loop over clients calling the same reconstruction one client at a
+    time. Each layout runs once to compile (``first_call_s``, which in the steady state only
+compiles bucket sizes not met before) and then ``repeats`` timed times.
+    """
+    from fedredefense_jax.defenses import redefense
+
+    spec = data_lib.SPECS["fashion_mnist"]
+    cd = _client_data(num_clients, data_dir)
+    model = models.build_model(model_name, "fashion_mnist", 10, conv_impl)
+    w0, unravel = ravel_pytree(models.init_params(model, jax.random.key(0), spec.input_shape))
+    apply_fn = models.make_apply_fn(model)
+    cx, cy, cn = (jax.device_put(a) for a in (cd.x, cd.y, cd.counts))
+    ids = np.arange(num_clients, dtype=np.int32)
+    train = training.make_trainer(apply_fn, unravel, spec.mean, spec.std)
+    u1 = train(w0, cx, cy, cn, ids, training.client_keys(jax.random.key(1), ids))
+    w1 = w0 + u1.mean(axis=0)
+    u2 = jax.block_until_ready(train(w1, cx, cy, cn, ids, training.client_keys(jax.random.key(2), ids)))
+    cfg = redefense.make_config("fashion_mnist", {"first_cap": first_cap, "later_cap": later_cap})
+    kn0 = redefense.init_knowledge(jax.random.key(3), num_clients, spec.input_shape, 10)
+    run = np.ones(num_clients, bool)
+    fn1 = jax.jit(lambda x, y, a: redefense.outer_value_and_grad(
+        apply_fn, unravel, w0, u1[0], x, y, a, cfg.inner_steps, None, cfg.inner_unroll))
+    ca = fn1.lower(kn0.images[0], kn0.label_logits[0], kn0.alpha[0]).compile().cost_analysis()
+    flops = (ca[0] if isinstance(ca, list) else ca).get("flops", float("nan"))
+
+    def one_client(k, i):
+        return jax.tree.map(lambda a: a[i:i + 1], k)
+
+    def stack(results):
+        return (np.concatenate([r.errors for r in results]), np.concatenate([r.iterations for r in results]),
+                jax.tree.map(lambda *a: jnp.concatenate(a), *[r.knowledge for r in results]))
+
+    recs = {layout: redefense.Reconstructor(apply_fn, unravel, dataclasses.replace(
+        cfg, layout="map" if layout == "loop" else layout)) for layout in layouts}
+    phases = {}
+    fitted = None
+    for phase, (w, u, cap) in {"first_participation": (w0, u1, cfg.first_cap),
+                               "steady_state": (w1, u2, cfg.later_cap)}.items():
+        caps = np.full(num_clients, cap, np.int32)
+        res = {}
+        for layout in layouts:
+            rec = recs[layout]
+            kn = kn0 if phase == "first_participation" else fitted
+            if layout == "loop":
+                def fn(rec=rec, kn=kn, w=w, u=u, caps=caps):
+                    return stack([rec.reconstruct(one_client(kn, i), w, u[i:i + 1], caps[:1], run[:1])
+                                  for i in range(num_clients)])
+            else:
+                def fn(rec=rec, kn=kn, w=w, u=u, caps=caps):
+                    r = rec.reconstruct(kn, w, u, caps, run)
+                    return r.errors, r.iterations, r.knowledge
+            t = time.perf_counter()
+            errors, iters, new_k = fn()
+            jax.block_until_ready(new_k)
+            first = time.perf_counter() - t
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                jax.block_until_ready(fn())
+                times.append(time.perf_counter() - t)
+            sec = statistics.median(times) if times else first
+            work = flops * float(iters.sum())
+            res[layout] = {"seconds": sec, "first_call_s": first, "gflops_per_s": work / sec / 1e9,
+                           "total_iterations": int(iters.sum()), "iterations": _stats(iters),
+                           "errors": _stats(errors), "flagged": int((errors > cfg.gamma).sum())}
+            print(f"  {phase:19s} {layout:5s} {sec:8.2f} s/round (first call {first:.1f} s)  "
+                  f"iterations {int(iters.sum())} (per client median {np.median(iters):.0f}, max {iters.max()})  "
+                  f"{work / sec / 1e9:6.1f} GFLOP/s  flagged {int((errors > cfg.gamma).sum())}", flush=True)
+            if phase == "first_participation" and fitted is None:
+                fitted = new_k
+        _add_speedups(res, "seconds")
+        phases[phase] = res
+    return {"model": model_name, "num_clients": num_clients, "gamma": cfg.gamma,
+            "first_cap": cfg.first_cap, "later_cap": cfg.later_cap,
+            "flops_per_client_iteration": flops, "phases": phases}
+
+
 def main(argv):
     del argv
     out = {"environment": runner.environment(), "repeats": FLAGS.repeats}
@@ -172,6 +274,15 @@ def main(argv):
         for k, r in out["reconstruction"]["layouts"].items():
             if "speedup_vs_loop" in r:
                 print(f"  {k:6s} speed-up vs loop: {r['speedup_vs_loop']:.2f}x")
+    if "detection" in FLAGS.parts:
+        print(f"FedREDefense detection round, {FLAGS.detection_clients} Fashion-MNIST clients, model {FLAGS.model}")
+        out["detection"] = bench_detection(FLAGS.data_dir, FLAGS.model, FLAGS.conv_impl, FLAGS.detection_clients,
+                                           FLAGS.redefense_layouts, FLAGS.detection_repeats,
+                                           FLAGS.first_cap, FLAGS.later_cap)
+        for phase, res in out["detection"]["phases"].items():
+            for k, r in res.items():
+                if "speedup_vs_loop" in r:
+                    print(f"  {phase:19s} {k:5s} speed-up vs loop: {r['speedup_vs_loop']:.2f}x")
     with open(FLAGS.output, "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {FLAGS.output}")

@@ -27,6 +27,9 @@ flags.DEFINE_integer("batch_size", 32, "Local batch size.")
 flags.DEFINE_float("lr", 1e-3, "Local SGD learning rate.")
 flags.DEFINE_integer("seed", 0, "Seed of the split, the initial model and all sampling.")
 flags.DEFINE_string("output_dir", "runs/default", "Where rounds.jsonl and summary.json go.")
+flags.DEFINE_integer("checkpoint_every", 1, "Save an Orbax checkpoint every this many rounds (and at the end); "
+                     "rerunning the same command resumes from the newest.")
+flags.DEFINE_bool("overwrite", False, "Replace a run of a different configuration found in --output_dir.")
 flags.DEFINE_integer("eval_every", 10, "Evaluate test accuracy every this many rounds (and at the end).")
 flags.DEFINE_string("attack", "none", "Attack name (see fedredefense_jax.attacks.names()).")
 flags.DEFINE_string("defense", "fedavg", "Defense name (see fedredefense_jax.defenses.names()).")
@@ -60,7 +63,8 @@ def config_from_flags():
         num_clients=FLAGS.num_clients, num_malicious=FLAGS.num_malicious, beta=FLAGS.beta,
         rounds=FLAGS.rounds, local_epochs=FLAGS.local_epochs, participation_rate=FLAGS.participation_rate,
         batch_size=FLAGS.batch_size, lr=FLAGS.lr, seed=FLAGS.seed, output_dir=FLAGS.output_dir,
-        eval_every=FLAGS.eval_every, attack=FLAGS.attack, defense=FLAGS.defense, layout=FLAGS.layout,
+        eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every, overwrite=FLAGS.overwrite,
+        attack=FLAGS.attack, defense=FLAGS.defense, layout=FLAGS.layout,
         attack_config={"scale": FLAGS.attack_scale},
         defense_config={key: FLAGS[name].value for name, key in _REDEFENSE_FLAGS.items()
                         if FLAGS[name].value is not None})
@@ -71,16 +75,21 @@ def main(argv):
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         return 2
     from fedredefense_jax.data import DataError
-    from fedredefense_jax.runner import ConfigError, run
+    from fedredefense_jax.runner import ConfigError, Stopped, run
+    from fedredefense_jax.simulation import AttackOutputError
 
     logging.set_verbosity(logging.INFO)
     try:
         summary = run(config_from_flags())
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, AttackOutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"{e} ({FLAGS.output_dir})", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print(f"interrupted; results so far are in {FLAGS.output_dir}", file=sys.stderr)
+        print(f"interrupted; rounds so far are in {FLAGS.output_dir}, rerun the same command to resume "
+              "from the last checkpoint", file=sys.stderr)
         return 130
     print(f"done: test accuracy {summary['test_acc']:.4f} after {summary['rounds_done']} rounds; "
           f"{FLAGS.output_dir}/summary.json")

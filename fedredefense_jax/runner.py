@@ -6,7 +6,11 @@ Outputs in ``output_dir``:
   seconds in local training / attack / detection / aggregation, participants, flagged
   clients and any per-client values the defense reports), appended and flushed each round;
 * ``summary.json``: config, final metrics, wall time, jax version and device, rewritten
-  atomically after every evaluation so a stopped run keeps what it measured.
+  atomically after every evaluation so a stopped run keeps what it measured;
+* ``config.json``: the configuration (a different one in the same directory is refused
+  unless ``overwrite``);
+* ``checkpoints/``: Orbax checkpoints of the whole simulation state every
+  ``checkpoint_every`` rounds; rerunning the same command resumes from the newest one.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ import json
 import math
 import os
 import platform
+import shutil
+import signal
 import tempfile
+import threading
 import time
 from typing import Callable
 
@@ -61,6 +68,12 @@ class ExperimentConfig:
     layout: str | None = None
     attack_config: dict = dataclasses.field(default_factory=dict)
     defense_config: dict = dataclasses.field(default_factory=dict)
+    checkpoint_every: int = 1
+    overwrite: bool = False
+
+
+# Settings that may change when a run in ``output_dir`` is resumed (extended, re-evaluated).
+_RESUMABLE_CHANGES = ("rounds", "eval_every", "checkpoint_every", "overwrite", "output_dir")
 
 
 # (flag, defense_config key, lower bound, strict) of FedREDefense's numeric settings.
@@ -97,6 +110,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("lr", f"must be a finite number > 0, got {cfg.lr}")
     if cfg.eval_every < 1:
         raise ConfigError("eval_every", f"must be >= 1, got {cfg.eval_every}")
+    if cfg.checkpoint_every < 1:
+        raise ConfigError("checkpoint_every", f"must be >= 1, got {cfg.checkpoint_every}")
     if cfg.layout is not None and cfg.layout not in training.LAYOUTS:
         raise ConfigError("layout", f"must be one of {', '.join(training.LAYOUTS)}, got {cfg.layout!r}")
     if cfg.attack not in attacks_lib.names():
@@ -183,23 +198,134 @@ def build(cfg: ExperimentConfig) -> Setup:
     return Setup(ds, parts, fed, predict, partition.split_stats(ds.train_y, parts, spec.num_classes))
 
 
-def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
-    """Runs the experiment; returns the summary (also written to ``summary.json``)."""
-    validate(cfg)
+class Stopped(Exception):
+    """The run was stopped by SIGINT/SIGTERM after saving a checkpoint."""
+
+
+_OUTPUTS = ("config.json", "rounds.jsonl", "summary.json", "checkpoints")
+
+
+def _comparable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _RESUMABLE_CHANGES}
+
+
+def prepare_output_dir(cfg: ExperimentConfig) -> None:
+    """Makes ``output_dir`` ready: refuses one that holds a run of a different configuration
+    (unless ``overwrite``, which deletes that run's outputs) and records this config."""
     os.makedirs(cfg.output_dir, exist_ok=True)
+    cfg_path = os.path.join(cfg.output_dir, "config.json")
+    present = [n for n in _OUTPUTS if os.path.exists(os.path.join(cfg.output_dir, n))]
+    mine = jsonable(dataclasses.asdict(cfg))
+    if present and not cfg.overwrite:
+        try:
+            with open(cfg_path) as f:
+                old = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError("output_dir", f"{cfg.output_dir} holds outputs of another run "
+                                            f"({', '.join(present)}) without config.json; pass --overwrite "
+                                            "to replace them or choose another --output_dir") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError("output_dir", f"{cfg_path} is unreadable ({e}); pass --overwrite to replace "
+                                            "the run or choose another --output_dir") from None
+        a, b = _comparable(old), _comparable(mine)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:4])
+            raise ConfigError("output_dir", f"{cfg.output_dir} holds a run with different settings ({shown}); "
+                                            "pass --overwrite to replace it or choose another --output_dir")
+    elif present:
+        for n in present:
+            path = os.path.join(cfg.output_dir, n)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    _atomic_json(cfg_path, mine)
+
+
+def _load_records(path: str, upto: int) -> list[dict]:
+    """The first ``upto`` rounds of ``rounds.jsonl`` (a torn last line is dropped); the file
+    is rewritten to hold exactly those rounds."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    break
+                if row.get("round") != len(rows) + 1 or len(rows) >= upto:
+                    break
+                rows.append(row)
+    if len(rows) != upto:
+        raise ConfigError("output_dir", f"{path} holds {len(rows)} complete rounds but the checkpoint is at "
+                                        f"round {upto}; pass --overwrite to start the run again")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
+    os.replace(tmp, path)
+    return rows
+
+
+class _StopRequests:
+    """SIGINT/SIGTERM -> stop after the current round (a second signal stops at once)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logging.warning("signal %d: saving a checkpoint after this round, then stopping "
+                        "(send it again to stop at once)", signum)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
+    """Runs the experiment, or resumes it from the newest checkpoint in ``output_dir``;
+    returns the summary (also written to ``summary.json``).
+
+    Raises ConfigError for bad settings, a mismatched ``output_dir`` or an unusable
+    checkpoint, and :class:`Stopped` after SIGINT/SIGTERM (with a checkpoint saved).
+    """
+    from fedredefense_jax import checkpoint
+
+    validate(cfg)
+    prepare_output_dir(cfg)
     start = time.time()
     setup = build(cfg)
     fed = setup.federation
     logging.info("split: %s", setup.split)
     state = simulation.init_state(fed)
+    ckpt = checkpoint.Checkpointer(os.path.join(cfg.output_dir, "checkpoints"))
     rounds_path = os.path.join(cfg.output_dir, "rounds.jsonl")
+    rows = []
+    if ckpt.latest_round() is not None:
+        try:
+            state = ckpt.restore(state)
+        except checkpoint.CheckpointError as e:
+            raise ConfigError("output_dir", f"{e}; pass --overwrite to start the run again") from None
+        rows = _load_records(rounds_path, state.round)
+        logging.info("resumed from the checkpoint of round %d", state.round)
+    elif os.path.exists(rounds_path):
+        os.remove(rounds_path)  # rounds of a run stopped before its first checkpoint
     summary = {"config": dataclasses.asdict(cfg), "environment": environment(), "split": setup.split,
                "param_count": int(fed.init_params.size), "status": "running"}
-    accs = {}
-    round_times = []
-    records = []
-    with open(rounds_path, "w") as log:
-        for t in range(1, cfg.rounds + 1):
+    keys = ("participants", "weights", "error", "iterations")
+    records = [{k: r[k] for k in keys if k in r} for r in rows]
+    accs = {r["round"]: r["test_acc"] for r in rows if "test_acc" in r}
+    round_times = [r["round_s"] for r in rows]
+    summary_path = os.path.join(cfg.output_dir, "summary.json")
+    with _StopRequests() as stop, open(rounds_path, "a") as log:
+        for t in range(state.round + 1, cfg.rounds + 1):
             r0 = time.time()
             state, rec = simulation.step(fed, state)
             if t % cfg.eval_every == 0 or t == cfg.rounds:
@@ -208,20 +334,29 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
                 accs[t] = rec["test_acc"]
             rec["round_s"] = time.time() - r0
             round_times.append(rec["round_s"])
-            records.append({k: rec[k] for k in ("participants", "weights", "error", "iterations") if k in rec})
+            records.append({k: rec[k] for k in keys if k in rec})
             log.write(json.dumps(jsonable(rec), allow_nan=False) + "\n")
             log.flush()
-            if "test_acc" in rec:
+            os.fsync(log.fileno())
+            if t % cfg.checkpoint_every == 0 or t == cfg.rounds or stop.requested:
+                ckpt.save(state)
+            if "test_acc" in rec or stop.requested:
                 summary.update(_final_metrics(cfg, fed, state, accs, round_times, start, records))
-                _atomic_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+                if stop.requested:
+                    summary["status"] = "stopped"
+                _atomic_json(summary_path, summary)
             if progress:
                 eta = np.median(round_times[-10:]) * (cfg.rounds - t)
                 acc = f"acc {rec['test_acc']:.4f} " if "test_acc" in rec else ""
                 logging.info("round %d/%d %s(%.2fs/round, train %.2fs, detect %.2fs) ETA %s", t, cfg.rounds,
                              acc, rec["round_s"], rec["train_s"], rec["detection_s"], _hms(eta))
+            if stop.requested:
+                ckpt.close()
+                raise Stopped(f"stopped after round {t}; checkpoint saved, rerun the same command to resume")
+    ckpt.close()
     summary.update(_final_metrics(cfg, fed, state, accs, round_times, start, records))
     summary["status"] = "done"
-    _atomic_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    _atomic_json(summary_path, summary)
     return summary
 
 

@@ -133,6 +133,27 @@ def sample_participants(key: jax.Array, expelled: np.ndarray, num_slots: int) ->
     return ids, valid
 
 
+class AttackOutputError(ValueError):
+    """An attack returned something that is not an update matrix like the genuine one."""
+
+
+def check_attack_output(name: str, crafted, genuine: jax.Array) -> jax.Array:
+    """The attack's output if it is an array of the genuine matrix's shape with a floating
+    dtype (cast to it); AttackOutputError naming the attack otherwise. Non-finite or huge
+    values pass: handling them is the defense's job."""
+    shape = getattr(crafted, "shape", None)
+    dtype = getattr(crafted, "dtype", None)
+    if shape is None or dtype is None:
+        raise AttackOutputError(f"attack {name!r} returned {type(crafted).__name__}, not an update matrix "
+                                f"of shape {tuple(genuine.shape)}")
+    if tuple(shape) != tuple(genuine.shape):
+        raise AttackOutputError(f"attack {name!r} returned updates of shape {tuple(shape)}, "
+                                f"expected {tuple(genuine.shape)} (slots x parameters)")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise AttackOutputError(f"attack {name!r} returned updates of dtype {dtype}, expected a floating dtype")
+    return jnp.asarray(crafted, genuine.dtype)
+
+
 def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
     """Runs round ``state.round + 1``; returns the new state and the round's record."""
     t = state.round + 1
@@ -149,7 +170,8 @@ def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
     malicious = fed.malicious[ids] & valid
     inp = attacks_lib.AttackInput(state.params, updates, jnp.asarray(malicious), jnp.asarray(valid),
                                   jnp.asarray(ids), t, akey)
-    updates, attack_state = fed.attack.apply(state.attack_state, inp)
+    crafted, attack_state = fed.attack.apply(state.attack_state, inp)
+    updates = check_attack_output(fed.attack.name, crafted, updates)
     t2 = time.perf_counter()
 
     out, defense_state = fed.defense.apply(
