@@ -48,11 +48,14 @@ flags.DEFINE_integer("later_cap", None, "Outer-iteration cap later (Table 7 'Upp
 flags.DEFINE_enum("redefense_variant", "dynamic", ["dynamic", "continuous", "intermittent"],
                   "Optimisation schedule of Appendix B.3.")
 flags.DEFINE_string("redefense_layout", "auto", "Reconstruction batching over clients: auto, vmap or map.")
+flags.DEFINE_string("redefense_aggregator", None,
+                    "Rule aggregating FedREDefense's kept updates: fedavg (unset), median, trimmed_mean, norm_bound or krum.")
 
 _REDEFENSE_FLAGS = {"gamma": "gamma", "inner_steps": "inner_steps", "distill_images_per_class": "images_per_class",
                     "lr_images": "lr_images", "lr_labels": "lr_labels", "alpha_init": "alpha_init",
                     "lr_alpha": "lr_alpha", "first_cap": "first_cap", "later_cap": "later_cap",
-                    "redefense_variant": "variant", "redefense_layout": "layout"}
+                    "redefense_variant": "variant", "redefense_layout": "layout",
+                    "redefense_aggregator": "aggregator"}
 
 
 def config_from_flags():

@@ -36,6 +36,7 @@ from fedredefense_jax import attacks as attacks_lib
 from fedredefense_jax import data as data_lib
 from fedredefense_jax import defenses as defenses_lib
 from fedredefense_jax import metrics, models, partition, simulation, training
+from fedredefense_jax.defenses.redefense import AGGREGATORS
 
 
 class ConfigError(ValueError):
@@ -122,6 +123,11 @@ def validate(cfg: ExperimentConfig) -> None:
         v = cfg.defense_config.get(key)
         if v is not None and not (math.isfinite(v) and (v > low if strict else v >= low)):
             raise ConfigError(flag, f"must be a finite number {'>' if strict else '>='} {low}, got {v}")
+    if cfg.defense_config.get("layout") not in (None, "auto", "vmap", "map"):
+        raise ConfigError("redefense_layout", f"must be auto, vmap or map, got {cfg.defense_config['layout']!r}")
+    agg = cfg.defense_config.get("aggregator")
+    if agg is not None and not callable(agg) and agg not in AGGREGATORS:
+        raise ConfigError("redefense_aggregator", f"must be one of {', '.join(AGGREGATORS)}, got {agg!r}")
     if not math.isfinite(cfg.attack_config.get("scale", 1.0)):
         raise ConfigError("attack_scale", "must be finite")
     if cfg.data_dir is not None and not os.path.exists(cfg.data_dir):

@@ -33,6 +33,11 @@ def _run_cli(*args, timeout=300):
     (["--defense=fedredefense", "--gamma=-0.1"], "gamma"),
     (["--defense=fedredefense", "--first_cap=0"], "first_cap"),
     (["--rounds=0"], "rounds"),
+    (["--defense=fedredefense", "--redefense_layout=wide"], "redefense_layout"),
+    (["--lr=inf"], "lr"),
+    (["--attack_scale=nan"], "attack_scale"),
+    (["--checkpoint_every=0"], "checkpoint_every"),
+    (["--attack=sign_flip", "--defense=fedavg", "--batch_size=0"], "batch_size"),
 ])
 def test_bad_flags_fail_in_one_line(args, flag, tmp_path):
     r = _run_cli(*args, f"--output_dir={tmp_path / 'out'}")

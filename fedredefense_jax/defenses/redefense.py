@@ -34,7 +34,8 @@ overflows (the ratio is undefined: a zero update cannot be "reconstructed" and c
 training, so it is flagged rather than silently kept), or when its error is ``> gamma`` or
 non-finite. Reconstruction never runs on such updates. The kept slots are aggregated with
 FedAvg (equal weights) unless ``config['aggregator']`` is a callable ``(updates[S,P],
-weights[S]) -> [P]``.
+weights[S]) -> [P]`` or the name of a registered rule ('median', 'trimmed_mean',
+'norm_bound', 'krum'; see ``robust.py``), which then sees the kept slots only.
 
 Execution: all participating clients run in ONE compiled program per chunk of outer
 iterations, either ``jax.vmap`` over clients (GPU/TPU) or ``lax.map`` over clients (CPU),
@@ -621,12 +622,32 @@ def _scatter_clients(knowledge: Knowledge, last_opt_round, slots: Knowledge, wri
     return knowledge, last_opt_round.at[opt_ids].set(round_, mode="drop")
 
 
-def _resolve_aggregator(agg):
+#: Registered rules that can aggregate the kept slots (``config['aggregator']``).
+AGGREGATORS = ("fedavg", "median", "trimmed_mean", "norm_bound", "krum")
+
+
+def _resolve_aggregator(agg, ctx: DefenseContext):
+    """``(updates[S, P], weights[S], inp) -> [P]`` from ``config['aggregator']``: None or
+    'fedavg' (equal weights), a callable ``(updates, weights) -> [P]``, or a registered rule
+    name of :data:`AGGREGATORS`, built with ``ctx`` and applied to the kept slots only
+    (``valid = inp.valid & (weights > 0)``)."""
     if agg is None or agg == "fedavg":
-        return fedavg
+        return lambda updates, weights, inp: fedavg(updates, weights)
     if callable(agg):
-        return agg
-    raise ValueError(f"aggregator must be None, 'fedavg' or a callable, got {agg!r}")
+        return lambda updates, weights, inp: agg(updates, weights)
+    if agg in AGGREGATORS:
+        from fedredefense_jax.defenses import make
+
+        rule = make(agg, ctx)
+        rule_state = rule.init(ctx.num_clients, jax.random.PRNGKey(0))  # stateless rules
+
+        def aggregate(updates, weights, inp):
+            kept = jnp.asarray(inp.valid, bool) & (weights > 0)
+            out, _ = rule.apply(rule_state, inp._replace(updates=updates, valid=kept))
+            return out.aggregate
+
+        return aggregate
+    raise ValueError(f"aggregator must be None, a callable or one of {AGGREGATORS}, got {agg!r}")
 
 
 @register("fedredefense")
@@ -641,7 +662,7 @@ def make_redefense(ctx: DefenseContext) -> Defense:
     """
     config = dict(ctx.config or {})
     cfg = make_config(ctx.dataset, config)
-    aggregator = _resolve_aggregator(config.get("aggregator"))
+    aggregator = _resolve_aggregator(config.get("aggregator"), ctx)
     rec = get_reconstructor(ctx.apply_fn, ctx.unravel, cfg)
 
     def init(num_clients, key):
@@ -674,7 +695,7 @@ def make_redefense(ctx: DefenseContext) -> Defense:
             unreconstructible = ~(errors <= cfg.gamma)  # > gamma or NaN/Inf
         flagged = valid & (bad | unreconstructible)
         weights = (valid & ~flagged).astype(np.float32)
-        aggregate = aggregator(updates, jnp.asarray(weights))
+        aggregate = aggregator(updates, jnp.asarray(weights), inp)
 
         knowledge, last_opt_round = _scatter_clients(
             state.knowledge, state.last_opt_round, res.knowledge,

@@ -1,0 +1,86 @@
+"""Markdown summary of FedREDefense runs from their ``summary.json`` and ``rounds.jsonl``.
+
+    python experiments/report.py runs/acc_fmnist_cnn_mpaf runs/acc_fmnist_cnn_sign_flip
+
+Per run: DACC, FPR, FNR, AAR, AOI; errors (mean +- std) of benign and malicious
+participations, at first participation and over all rounds; outer iterations per client at
+first participation (median / max) and later (median / max); malicious participations
+flagged; final test accuracy; wall time and median seconds per round (training and
+detection).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def _pm(d) -> str:
+    if not d or d.get("mean") is None:
+        return "-"
+    return f"{d['mean']:.3f} +- {d['std']:.3f} (n={d['count']})"
+
+
+def describe(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        s = json.load(f)
+    with open(os.path.join(run_dir, "rounds.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    seen, first_it, later_it = set(), [], []
+    mal_part = mal_flag = 0
+    for r in rows:
+        mal = set(r["malicious"])
+        for c, it in zip(r["participants"], r.get("iterations", [0] * len(r["participants"]))):
+            (later_it if c in seen else first_it).append(it)
+            seen.add(c)
+        mal_part += len(mal)
+        mal_flag += len(mal & set(r["flagged"]))
+    det = s.get("detection", {})
+    stat = lambda a: f"{np.median(a):.0f} / {max(a)}" if a else "-"  # noqa: E731
+    return {
+        "run": os.path.basename(run_dir.rstrip("/")),
+        "rounds": s.get("rounds_done"),
+        "DACC": det.get("dacc"), "FPR": det.get("fpr"), "FNR": det.get("fnr"), "AAR": det.get("aar"),
+        "AOI": det.get("aoi"),
+        "benign error (first)": _pm(det.get("error_first_benign")),
+        "malicious error (first)": _pm(det.get("error_first_malicious")),
+        "benign error (all)": _pm(det.get("error_benign")),
+        "malicious error (all)": _pm(det.get("error_malicious")),
+        "iterations first (median / max)": stat(first_it),
+        "iterations later (median / max)": stat(later_it),
+        "malicious participations flagged": f"{mal_flag} / {mal_part}",
+        "test acc": s.get("test_acc"),
+        "wall": f"{s.get('wall_s', 0) / 60:.1f} min",
+        "s/round (median)": f"{s.get('seconds_per_round_median') or 0:.1f}",
+        "train s / detect s (median)": f"{np.median([r['train_s'] for r in rows]):.1f} / "
+                                       f"{np.median([r['detection_s'] for r in rows]):.1f}",
+        "round-1 detect s": f"{rows[0]['detection_s']:.0f}" if rows else "-",
+    }
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{100 * v:.1f} %" if v <= 1 else f"{v:.1f}"
+    return "-" if v is None else str(v)
+
+
+def main(argv):
+    runs = [describe(d) for d in argv[1:]]
+    if not runs:
+        print(__doc__)
+        return 2
+    keys = list(runs[0])
+    print("| | " + " | ".join(r["run"] for r in runs) + " |")
+    print("| --- |" + " --- |" * len(runs))
+    for k in keys[1:]:
+        print(f"| {k} | " + " | ".join(_fmt(r[k]) if k in ("DACC", "FPR", "FNR", "AAR") else
+                                       (str(r[k]) if not isinstance(r[k], float) else f"{r[k]:.4g}")
+                                       for r in runs) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
