@@ -4,7 +4,7 @@
 
 Per run: DACC, FPR, FNR, AAR, AOI; errors (mean +- std) of benign and malicious
 participations, at first participation and over all rounds; outer iterations per client at
-first participation (median / max) and later (median / max); malicious participations
+first participation and later (median / max), benign and malicious; malicious participations
 flagged; final test accuracy; wall time and median seconds per round (training and
 detection).
 """
@@ -29,12 +29,13 @@ def describe(run_dir: str) -> dict:
         s = json.load(f)
     with open(os.path.join(run_dir, "rounds.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    seen, first_it, later_it = set(), [], []
+    seen = set()
+    its = {(m, f): [] for m in ("benign", "malicious") for f in ("first", "later")}
     mal_part = mal_flag = 0
     for r in rows:
         mal = set(r["malicious"])
         for c, it in zip(r["participants"], r.get("iterations", [0] * len(r["participants"]))):
-            (later_it if c in seen else first_it).append(it)
+            its["malicious" if c in mal else "benign", "later" if c in seen else "first"].append(it)
             seen.add(c)
         mal_part += len(mal)
         mal_flag += len(mal & set(r["flagged"]))
@@ -49,8 +50,7 @@ def describe(run_dir: str) -> dict:
         "malicious error (first)": _pm(det.get("error_first_malicious")),
         "benign error (all)": _pm(det.get("error_benign")),
         "malicious error (all)": _pm(det.get("error_malicious")),
-        "iterations first (median / max)": stat(first_it),
-        "iterations later (median / max)": stat(later_it),
+        **{f"{m} iterations {f} (median / max)": stat(a) for (m, f), a in its.items()},
         "malicious participations flagged": f"{mal_flag} / {mal_part}",
         "test acc": s.get("test_acc"),
         "wall": f"{s.get('wall_s', 0) / 60:.1f} min",
@@ -76,7 +76,7 @@ def main(argv):
     print("| | " + " | ".join(r["run"] for r in runs) + " |")
     print("| --- |" + " --- |" * len(runs))
     for k in keys[1:]:
-        print(f"| {k} | " + " | ".join(_fmt(r[k]) if k in ("DACC", "FPR", "FNR", "AAR") else
+        print(f"| {k} | " + " | ".join(_fmt(r[k]) if k in ("DACC", "FPR", "FNR") else
                                        (str(r[k]) if not isinstance(r[k], float) else f"{r[k]:.4g}")
                                        for r in runs) + " |")
     return 0

@@ -29,6 +29,7 @@ from fedredefense_jax.attacks.base import (  # noqa: F401  (re-exported)
 def _load_builtins() -> None:
     from fedredefense_jax.attacks import handcrafted as _handcrafted  # noqa: F401
     from fedredefense_jax.attacks import hostile as _hostile  # noqa: F401
+    from fedredefense_jax.attacks import model_poisoning as _model_poisoning  # noqa: F401
 
 
 _REGISTRY = Registry("attack", _load_builtins)
