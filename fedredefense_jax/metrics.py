@@ -193,3 +193,13 @@ def _first_participation(errors, participated):
     first = np.argmax(participated, axis=0)
     out = errors[first, np.arange(errors.shape[1])]
     return np.where(participated.any(axis=0), out, np.nan)
+
+
+def attack_success_rate(pred, y, target: int, source: int | None = None) -> float:
+    """ASR (Appendix A.4; Section 6.1 for the targeted label flip) from the predictions
+    ``pred`` of the (possibly trigger-stamped) test images with true labels ``y``: among the
+    images of class ``source`` (``None``: of every class but ``target``), the fraction
+    predicted as ``target``; NaN when there are none."""
+    pred, y = np.asarray(pred), np.asarray(y)
+    keep = (y == source) if source is not None else (y != target)
+    return float(np.mean(pred[keep] == target)) if keep.any() else float("nan")

@@ -2,7 +2,8 @@
 
 Outputs in ``output_dir``:
 
-* ``rounds.jsonl``: one JSON object per round (round, test accuracy when evaluated,
+* ``rounds.jsonl``: one JSON object per round (round, test accuracy and, for an attack
+  that defines one, its attack success rate ``asr`` when evaluated,
   seconds in local training / attack / detection / aggregation, participants, flagged
   clients and any per-client values the defense reports), appended and flushed each round;
 * ``summary.json``: config, final metrics, wall time, jax version and device, rewritten
@@ -180,6 +181,7 @@ class Setup:
     federation: simulation.Federation
     predict: Callable
     split: dict
+    asr: Callable | None = None  # w -> the attack's success rate on the test set (targeted attacks)
 
 
 def build(cfg: ExperimentConfig) -> Setup:
@@ -199,9 +201,27 @@ def build(cfg: ExperimentConfig) -> Setup:
         cfg.dataset, w0, dict(cfg.defense_config)))
     fl = simulation.FLConfig(cfg.num_clients, cfg.num_malicious, cfg.participation_rate, cfg.rounds,
                              cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.seed, cfg.layout)
-    fed = simulation.build_federation(fl, clients, apply_fn, unravel, w0, spec.mean, spec.std, attack, defense)
-    predict = training.make_predictor(apply_fn, unravel, spec.mean, spec.std)
-    return Setup(ds, parts, fed, predict, partition.split_stats(ds.train_y, parts, spec.num_classes))
+    try:
+        fed = simulation.build_federation(fl, clients, apply_fn, unravel, w0, spec.mean, spec.std, attack, defense,
+                                          num_classes=spec.num_classes)
+        predict = training.make_predictor(apply_fn, unravel, spec.mean, spec.std)
+        asr = None if attack.asr is None else make_asr(attack.asr, ds, predict, apply_fn, unravel)
+    except ValueError as e:  # e.g. a trigger outside the images
+        raise ConfigError("attack", f"{cfg.attack}: {e}") from None
+    return Setup(ds, parts, fed, predict, partition.split_stats(ds.train_y, parts, spec.num_classes), asr)
+
+
+def make_asr(spec: attacks_lib.AsrSpec, ds: data_lib.Dataset, predict: Callable, apply_fn: Callable,
+             unravel: Callable) -> Callable:
+    """``asr(w) -> float``: ``metrics.attack_success_rate`` of the flat model ``w`` on the test
+    images it counts (class ``source``, or every class but ``target``), stamped with the
+    trigger in normalised space by a jitted predictor when the attack has one."""
+    keep = ds.test_y == spec.source if spec.source is not None else ds.test_y != spec.target
+    x, y = ds.test_x[keep], ds.test_y[keep]
+    if spec.trigger_pixels:
+        trigger = attacks_lib.trigger_mask(ds.spec.input_shape, spec.trigger_pixels)
+        predict = training.make_predictor(apply_fn, unravel, ds.spec.mean, ds.spec.std, trigger=trigger)
+    return lambda w: metrics.attack_success_rate(predict(w, x), y, spec.target, spec.source)
 
 
 class Stopped(Exception):
@@ -328,6 +348,7 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
     keys = ("participants", "weights", "error", "iterations")
     records = [{k: r[k] for k in keys if k in r} for r in rows]
     accs = {r["round"]: r["test_acc"] for r in rows if "test_acc" in r}
+    asrs = None if setup.asr is None else {r["round"]: r.get("asr") for r in rows if "test_acc" in r}
     round_times = [r["round_s"] for r in rows]
     summary_path = os.path.join(cfg.output_dir, "summary.json")
     with _StopRequests() as stop, open(rounds_path, "a") as log:
@@ -338,6 +359,8 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
                 rec["test_acc"] = training.accuracy(setup.predict, state.params, setup.dataset.test_x,
                                                     setup.dataset.test_y)
                 accs[t] = rec["test_acc"]
+                if setup.asr is not None:
+                    rec["asr"] = asrs[t] = setup.asr(state.params)
             rec["round_s"] = time.time() - r0
             round_times.append(rec["round_s"])
             records.append({k: rec[k] for k in keys if k in rec})
@@ -347,29 +370,32 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
             if t % cfg.checkpoint_every == 0 or t == cfg.rounds or stop.requested:
                 ckpt.save(state)
             if "test_acc" in rec or stop.requested:
-                summary.update(_final_metrics(cfg, fed, state, accs, round_times, start, records))
+                summary.update(_final_metrics(cfg, fed, state, accs, round_times, start, records, asrs))
                 if stop.requested:
                     summary["status"] = "stopped"
                 _atomic_json(summary_path, summary)
             if progress:
                 eta = np.median(round_times[-10:]) * (cfg.rounds - t)
                 acc = f"acc {rec['test_acc']:.4f} " if "test_acc" in rec else ""
+                acc += f"asr {rec['asr']:.4f} " if "asr" in rec else ""
                 logging.info("round %d/%d %s(%.2fs/round, train %.2fs, detect %.2fs) ETA %s", t, cfg.rounds,
                              acc, rec["round_s"], rec["train_s"], rec["detection_s"], _hms(eta))
             if stop.requested:
                 ckpt.close()
                 raise Stopped(f"stopped after round {t}; checkpoint saved, rerun the same command to resume")
     ckpt.close()
-    summary.update(_final_metrics(cfg, fed, state, accs, round_times, start, records))
+    summary.update(_final_metrics(cfg, fed, state, accs, round_times, start, records, asrs))
     summary["status"] = "done"
     _atomic_json(summary_path, summary)
     return summary
 
 
-def _final_metrics(cfg, fed, state, accs, round_times, start, records) -> dict:
+def _final_metrics(cfg, fed, state, accs, round_times, start, records, asrs=None) -> dict:
     last = max(accs) if accs else None
     det = metrics.summarize(records, fed.malicious, state.expelled)
-    return {
+    out = {} if asrs is None else {"asr": asrs.get(last) if last else None,
+                                   "asr_by_round": {str(k): v for k, v in sorted(asrs.items())}}
+    return out | {
         "detection": det,
         "rounds_done": state.round,
         "test_acc": accs.get(last) if last else None,

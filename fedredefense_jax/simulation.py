@@ -3,7 +3,8 @@
 One round ``t``::
 
     M^t  <- uniform sample of round(rate * p) clients among those not expelled
-    g_i  <- local training of every i in M^t from w^{t-1}          (one compiled program)
+    g_i  <- local training of every i in M^t from w^{t-1}          (one compiled program;
+            malicious clients on data poisoned as the attack's ``poison`` says)
     g    <- attack(g)           rows of malicious clients rewritten (plug point)
     a, flagged <- defense(g)    detection + aggregation             (plug point)
     w^t  <- w^{t-1} + a;   expelled |= flagged
@@ -67,6 +68,14 @@ class SimState:
     attack_state: Any
 
 
+def malicious_clients(num_clients: int, num_malicious: int) -> np.ndarray:
+    """bool ``[p]``: the last ``q`` client ids are malicious."""
+    m = np.zeros(num_clients, bool)
+    if num_malicious:
+        m[-num_malicious:] = True
+    return m
+
+
 @dataclasses.dataclass
 class Federation:
     """The static parts of a simulation."""
@@ -80,27 +89,48 @@ class Federation:
     train: Callable
     attack: attacks_lib.Attack
     defense: defenses_lib.Defense
+    poison: training.Poison | None = None  # per-client arrays when the attack poisons data
 
     @property
     def malicious(self) -> np.ndarray:
         """bool ``[p]``: the last ``q`` client ids are malicious."""
-        m = np.zeros(self.config.num_clients, bool)
-        if self.config.num_malicious:
-            m[-self.config.num_malicious:] = True
-        return m
+        return malicious_clients(self.config.num_clients, self.config.num_malicious)
 
     @property
     def num_slots(self) -> int:
         return max(1, int(round(self.config.participation_rate * self.config.num_clients)))
 
 
+def client_poison(poison: attacks_lib.DataPoison, malicious: np.ndarray, num_classes: int,
+                  input_shape) -> training.Poison:
+    """Per-client arrays of ``poison`` (``[p, K]``, ``[p, H, W, C]``, ``[p]``): the attack's label
+    map, trigger and alternation for the ``malicious`` clients, the identity for the others."""
+    out = training.clean_poison(num_classes, input_shape, len(malicious))
+    label_map = np.asarray(poison.label_map(num_classes))
+    if label_map.shape != (num_classes,) or not np.all((label_map >= 0) & (label_map < num_classes)):
+        raise ValueError(f"label map {label_map.tolist()} is not a map of {num_classes} classes")
+    for i in np.flatnonzero(malicious):
+        out.label_map[i] = label_map
+        out.trigger[i] = attacks_lib.trigger_mask(input_shape, poison.trigger_pixels(int(i)))
+        out.alternate[i] = poison.alternate
+    return out
+
+
 def build_federation(config: FLConfig, clients: ClientData, apply_fn: Callable, unravel: Callable,
                      init_params: jax.Array, mean, std, attack: attacks_lib.Attack,
-                     defense: defenses_lib.Defense) -> Federation:
+                     defense: defenses_lib.Defense, num_classes: int = 10) -> Federation:
+    """``num_classes`` sizes the label maps of a data-poisoning attack."""
+    poison, poisoning = None, None
+    malicious = malicious_clients(config.num_clients, config.num_malicious)
+    if attack.poison is not None and malicious.any():
+        poisoning = "alternating" if attack.poison.alternate else "constant"
+        poison = training.Poison(*map(jnp.asarray, client_poison(attack.poison, malicious, num_classes,
+                                                                 clients.x.shape[2:])))
     train = training.make_trainer(apply_fn, unravel, mean, std, batch_size=config.batch_size,
-                                  lr=config.lr, epochs=config.local_epochs, layout=config.layout)
+                                  lr=config.lr, epochs=config.local_epochs, layout=config.layout,
+                                  poisoning=poisoning)
     return Federation(config, clients, jnp.asarray(clients.x), jnp.asarray(clients.y),
-                      jnp.asarray(clients.counts), init_params, train, attack, defense)
+                      jnp.asarray(clients.counts), init_params, train, attack, defense, poison)
 
 
 def init_state(fed: Federation) -> SimState:
@@ -162,8 +192,9 @@ def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
     ids, valid = sample_participants(pkey, state.expelled, fed.num_slots)
 
     t0 = time.perf_counter()
+    poison = {} if fed.poison is None else {"poison": fed.poison}
     updates = fed.train(state.params, fed.client_x, fed.client_y, fed.client_counts, ids,
-                        training.client_keys(tkey, ids))
+                        training.client_keys(tkey, ids), **poison)
     updates.block_until_ready()
     t1 = time.perf_counter()
 

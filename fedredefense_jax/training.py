@@ -16,11 +16,24 @@ result equal to training that client alone.
 The per-client function is written once and mapped over clients in one compiled program;
 ``layout`` chooses how: ``"vmap"`` (one wide batch), ``"map"`` (``lax.map``, a loop inside
 the program) or ``"chunked"`` (``lax.map`` over chunks of ``chunk`` clients, vmapped inside).
+
+Data poisoning (label flips, backdoors) stays inside the same program: a trainer built with
+``poisoning`` takes one :class:`Poison` per client (a label map, a trigger mask, whether the
+client alternates poisoned and clean epochs). In a poisoned epoch the client trains on
+``(stamp(x), label_map[y])``, where ``stamp`` sets the *normalised* value of the trigger
+pixels to ``TRIGGER_VALUE``; benign clients get the identity map and an empty mask, so
+benign and malicious slots run the same compiled program on different arrays and a benign
+client's update is the one the plain trainer computes. ``poisoning="alternating"`` runs
+``2E`` epoch passes: a client with ``alternate`` trains ``E`` times a poisoned epoch
+followed by a clean one (the Scaling / DBA backdoor of the authors' code); every other
+client trains its ``E`` epochs in the first ``E`` passes (with the plain trainer's epoch
+keys) and skips the rest (``lax.cond``: skipped under ``lax.map``, both branches computed
+and one selected under ``vmap``).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.flatten_util
@@ -57,39 +70,108 @@ def shuffled_order(key: jax.Array, count: jax.Array, n_max: int) -> jax.Array:
     return jnp.argsort(scores).astype(jnp.int32)
 
 
+TRIGGER_VALUE = 1.0
+POISONING_MODES = (None, "constant", "alternating")
+
+
+class Poison(NamedTuple):
+    """Data poisoning of local training, one entry per client (a leading client axis in
+    :func:`make_trainer`, none in :func:`make_client_update`).
+
+    Attributes:
+      label_map: ``[K]`` int32; in a poisoned epoch label ``y`` is trained as ``label_map[y]``.
+      trigger: ``[H, W, C]`` bool; in a poisoned epoch these pixels of the *normalised*
+        image are set to ``TRIGGER_VALUE``.
+      alternate: ``[]`` bool; with ``poisoning="alternating"``, ``E`` times a poisoned epoch
+        followed by a clean one instead of ``E`` poisoned epochs.
+    """
+
+    label_map: jax.Array
+    trigger: jax.Array
+    alternate: jax.Array
+
+
+def clean_poison(num_classes: int, input_shape, num_clients: int | None = None) -> Poison:
+    """The identity poisoning (numpy): identity label map, empty trigger, no alternation;
+    with ``num_clients``, stacked along a leading client axis."""
+    p = Poison(np.arange(num_classes, dtype=np.int32), np.zeros(tuple(input_shape), bool), np.asarray(False))
+    if num_clients is None:
+        return p
+    return Poison(*(np.repeat(a[None], num_clients, axis=0) for a in p))
+
+
+def stamp_trigger(x_normalized: jax.Array, trigger: jax.Array) -> jax.Array:
+    """Sets the ``trigger``-masked entries (``[H, W, C]`` bool, broadcast over leading axes)
+    of normalised images to ``TRIGGER_VALUE``."""
+    return jnp.where(trigger, jnp.asarray(TRIGGER_VALUE, x_normalized.dtype), x_normalized)
+
+
 def make_client_update(apply_fn: Callable, unravel: Callable, mean, std, *, batch_size: int,
-                       lr: float, epochs: int) -> Callable:
-    """Returns ``client_update(w0[P], x[n,H,W,C] uint8, y[n], count, key) -> g[P]``."""
+                       lr: float, epochs: int, poisoning: str | None = None) -> Callable:
+    """Returns ``client_update(w0[P], x[n,H,W,C] uint8, y[n], count, key) -> g[P]``; with
+    ``poisoning`` (``"constant"`` or ``"alternating"``, see the module docstring) the
+    signature is ``client_update(w0, x, y, count, key, poison: Poison)``."""
+    if poisoning not in POISONING_MODES:
+        raise ValueError(f"unknown poisoning {poisoning!r}; choose one of {POISONING_MODES}")
     opt = optax.sgd(lr)
 
-    def loss_fn(params, xb, yb, mb):
-        return masked_cross_entropy(apply_fn(params, normalize(xb, mean, std)), yb, mb)
+    def loss_fn(params, xb, yb, mb, trigger):
+        xn = normalize(xb, mean, std)
+        if trigger is not None:
+            xn = stamp_trigger(xn, trigger)
+        return masked_cross_entropy(apply_fn(params, xn), yb, mb)
 
     grad_fn = jax.grad(loss_fn)
 
-    def client_update(w0, x, y, count, key):
+    def client_update(w0, x, y, count, key, poison: Poison | None = None):
+        if (poison is None) != (poisoning is None):
+            raise ValueError("a poisoning client update needs a Poison, a plain one takes none")
         n_max = x.shape[0]
         steps = -(-n_max // batch_size)
         pad = steps * batch_size - n_max
         params = unravel(w0)
         opt_state = opt.init(params)
 
-        def step(carry, s):
-            params, opt_state, order = carry
-            pos = s * batch_size + jnp.arange(batch_size)
-            idx = jax.lax.dynamic_slice(order, (s * batch_size,), (batch_size,))
-            grads = grad_fn(params, x[idx], y[idx], pos < count)
-            upd, opt_state = opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, upd), opt_state, order), None
-
-        def epoch(carry, ekey):
-            params, opt_state = carry
+        def run_epoch(carry, ekey, label_map, trigger):
             order = jnp.pad(shuffled_order(ekey, count, n_max), (0, pad))
-            (params, opt_state, _), _ = jax.lax.scan(step, (params, opt_state, order), jnp.arange(steps))
-            return (params, opt_state), None
 
-        (params, _), _ = jax.lax.scan(epoch, (params, opt_state), jax.random.split(key, epochs))
-        flat, _ = jax.flatten_util.ravel_pytree(params)
+            def step(carry, s):
+                params, opt_state = carry
+                pos = s * batch_size + jnp.arange(batch_size)
+                idx = jax.lax.dynamic_slice(order, (s * batch_size,), (batch_size,))
+                yb = y[idx] if label_map is None else label_map[y[idx]]
+                grads = grad_fn(params, x[idx], yb, pos < count, trigger)
+                upd, opt_state = opt.update(grads, opt_state, params)
+                return (optax.apply_updates(params, upd), opt_state), None
+
+            carry, _ = jax.lax.scan(step, carry, jnp.arange(steps))
+            return carry
+
+        ekeys = jax.random.split(key, epochs)
+        if poisoning is None:
+            carry, _ = jax.lax.scan(lambda c, k: (run_epoch(c, k, None, None), None), (params, opt_state), ekeys)
+        elif poisoning == "constant":
+            carry, _ = jax.lax.scan(lambda c, k: (run_epoch(c, k, poison.label_map, poison.trigger), None),
+                                    (params, opt_state), ekeys)
+        else:
+            alt = poison.alternate
+            j = jnp.arange(2 * epochs)
+            active = alt | (j < epochs)
+            poisoned = ~alt | (j % 2 == 0)
+            kd = jax.random.key_data
+            pass_keys = jax.random.wrap_key_data(
+                jnp.where(alt, kd(jax.random.split(key, 2 * epochs)), kd(jnp.concatenate([ekeys, ekeys]))),
+                impl=jax.random.key_impl(key))
+            identity = jnp.arange(poison.label_map.shape[0], dtype=poison.label_map.dtype)
+
+            def one_pass(carry, xs):
+                ekey, act, pois = xs
+                label_map = jnp.where(pois, poison.label_map, identity)
+                trigger = poison.trigger & pois
+                return jax.lax.cond(act, lambda c: run_epoch(c, ekey, label_map, trigger), lambda c: c, carry), None
+
+            carry, _ = jax.lax.scan(one_pass, (params, opt_state), (pass_keys, active, poisoned))
+        flat, _ = jax.flatten_util.ravel_pytree(carry[0])
         return flat - w0
 
     return client_update
@@ -98,7 +180,7 @@ def make_client_update(apply_fn: Callable, unravel: Callable, mean, std, *, batc
 def map_clients(fn: Callable, layout: str, chunk: int = 8) -> Callable:
     """Maps ``fn(shared, *per_client)`` over the leading axis of the per-client arguments."""
     if layout == "vmap":
-        return jax.vmap(fn, in_axes=(None, 0, 0, 0, 0))
+        return lambda w0, *xs: jax.vmap(lambda *a: fn(w0, *a))(*xs)
     if layout == "map":
         return lambda w0, *xs: jax.lax.map(lambda a: fn(w0, *a), xs)
     if layout == "chunked":
@@ -108,19 +190,27 @@ def map_clients(fn: Callable, layout: str, chunk: int = 8) -> Callable:
 
 def make_trainer(apply_fn: Callable, unravel: Callable, mean, std, *, batch_size: int = 32,
                  lr: float = 1e-3, epochs: int = 1, layout: str | None = None,
-                 chunk: int = 8) -> Callable:
+                 chunk: int = 8, poisoning: str | None = None) -> Callable:
     """Jitted ``train(w0[P], client_x[p,n,...], client_y[p,n], counts[p], ids[S], keys[S]) -> [S, P]``.
 
     Gathers the ``S`` participating clients' data by id inside the program, trains them all
-    from the same global model ``w0`` and returns their update matrix.
+    from the same global model ``w0`` and returns their update matrix. With ``poisoning``
+    (``"constant"`` / ``"alternating"``) the call takes ``poison=``, a :class:`Poison` of
+    per-client arrays (``[p, K]``, ``[p, H, W, C]``, ``[p]``) gathered by id like the data.
     """
     layout = layout or default_layout()
-    one = make_client_update(apply_fn, unravel, mean, std, batch_size=batch_size, lr=lr, epochs=epochs)
+    one = make_client_update(apply_fn, unravel, mean, std, batch_size=batch_size, lr=lr, epochs=epochs,
+                             poisoning=poisoning)
     mapped = map_clients(one, layout, chunk)
 
     @jax.jit
-    def train(w0, client_x, client_y, counts, ids, keys):
-        return mapped(w0, client_x[ids], client_y[ids], counts[ids], keys)
+    def train(w0, client_x, client_y, counts, ids, keys, poison: Poison | None = None):
+        if (poison is None) != (poisoning is None):
+            raise ValueError("a poisoning trainer needs poison=, a plain one takes none")
+        per_slot = (client_x[ids], client_y[ids], counts[ids], keys)
+        if poison is not None:
+            per_slot += (Poison(*(jnp.asarray(a)[ids] for a in poison)),)
+        return mapped(w0, *per_slot)
 
     return train
 
@@ -130,14 +220,20 @@ def client_keys(round_key: jax.Array, ids: np.ndarray) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(round_key, i))(jnp.asarray(ids, jnp.int32))
 
 
-def make_predictor(apply_fn: Callable, unravel: Callable, mean, std, batch: int = 1000) -> Callable:
-    """Jitted ``predict(w[P], x[N,H,W,C] uint8) -> [N] int32`` in batches of ``batch``."""
+def make_predictor(apply_fn: Callable, unravel: Callable, mean, std, batch: int = 1000,
+                   trigger=None) -> Callable:
+    """Jitted ``predict(w[P], x[N,H,W,C] uint8) -> [N] int32`` in batches of ``batch``; with
+    ``trigger`` (``[H, W, C]`` bool) the images are stamped (:func:`stamp_trigger`) first."""
+    trigger = None if trigger is None else jnp.asarray(trigger, bool)
+
+    def prepare(b):
+        xn = normalize(b, mean, std)
+        return xn if trigger is None else stamp_trigger(xn, trigger)
 
     @jax.jit
     def _predict(w, xb):
         params = unravel(w)
-        return jax.lax.map(
-            lambda b: jnp.argmax(apply_fn(params, normalize(b, mean, std)), -1).astype(jnp.int32), xb)
+        return jax.lax.map(lambda b: jnp.argmax(apply_fn(params, prepare(b)), -1).astype(jnp.int32), xb)
 
     def predict(w, x):
         n = x.shape[0]

@@ -22,7 +22,10 @@ from fedredefense_jax.attacks.base import (  # noqa: F401  (re-exported)
     Attack,
     AttackContext,
     AttackInput,
+    AsrSpec,
+    DataPoison,
     replace_malicious,
+    trigger_mask,
 )
 
 
@@ -30,6 +33,7 @@ def _load_builtins() -> None:
     from fedredefense_jax.attacks import handcrafted as _handcrafted  # noqa: F401
     from fedredefense_jax.attacks import hostile as _hostile  # noqa: F401
     from fedredefense_jax.attacks import model_poisoning as _model_poisoning  # noqa: F401
+    from fedredefense_jax.attacks import data_poisoning as _data_poisoning  # noqa: F401
 
 
 _REGISTRY = Registry("attack", _load_builtins)

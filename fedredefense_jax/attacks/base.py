@@ -1,5 +1,11 @@
 """The attack protocol: ``init(num_clients, key) -> state``,
-``apply(state, AttackInput) -> (updates[S, P], state)``."""
+``apply(state, AttackInput) -> (updates[S, P], state)``.
+
+An attack may also poison the compromised clients' local data (:class:`DataPoison`: the
+simulation turns it into per-client arrays of the batched trainer, so the genuine updates
+``apply`` sees are honest training on poisoned data) and define an attack success rate
+(:class:`AsrSpec`, evaluated next to the test accuracy).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class AttackContext(NamedTuple):
@@ -49,11 +56,64 @@ class AttackInput(NamedTuple):
     key: jax.Array
 
 
+def _identity_labels(num_classes: int) -> np.ndarray:
+    return np.arange(num_classes, dtype=np.int32)
+
+
+def _no_trigger(client_id: int) -> tuple:
+    del client_id
+    return ()
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPoison:
+    """How a compromised client poisons its local data before training honestly on them.
+
+    Attributes:
+      label_map: ``num_classes -> [K] int`` poisoned label of each class.
+      trigger_pixels: ``client_id -> ((row, col), ...)``: pixels of channel 0 whose
+        normalised value is set to ``training.TRIGGER_VALUE`` (1.0) in poisoned epochs.
+      alternate: each local epoch becomes a poisoned epoch followed by a clean one (the
+        authors' backdoor training); otherwise every epoch is poisoned.
+    """
+
+    label_map: Callable[[int], np.ndarray] = _identity_labels
+    trigger_pixels: Callable[[int], tuple] = _no_trigger
+    alternate: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class AsrSpec:
+    """Attack success rate: among the test images whose true label is ``source`` (or, with
+    ``source=None``, is not ``target``), stamped with ``trigger_pixels`` (channel 0,
+    normalised value 1.0; none: unchanged), the fraction classified as ``target``."""
+
+    target: int
+    source: int | None = None
+    trigger_pixels: tuple = ()
+
+
 @dataclasses.dataclass(frozen=True)
 class Attack:
+    """``poison``: how compromised clients poison their data (None: they train on clean
+    data); ``asr``: the attack's success rate (None: untargeted, no ASR)."""
+
     name: str
     init: Callable[..., Any]
     apply: Callable[..., tuple]
+    poison: DataPoison | None = None
+    asr: AsrSpec | None = None
+
+
+def trigger_mask(input_shape, pixels, channel: int = 0) -> np.ndarray:
+    """``[H, W, C]`` bool mask, True at ``(row, col)`` of ``channel`` for each of ``pixels``."""
+    mask = np.zeros(tuple(input_shape), bool)
+    h, w = mask.shape[:2]
+    for r, c in pixels:
+        if not (0 <= r < h and 0 <= c < w):
+            raise ValueError(f"trigger pixel ({r}, {c}) lies outside a {h}x{w} image")
+        mask[r, c, channel] = True
+    return mask
 
 
 def replace_malicious(inp: AttackInput, crafted: jax.Array) -> jax.Array:

@@ -1,0 +1,105 @@
+"""Data-poisoning and backdoor attacks: compromised clients train *honestly* on poisoned
+local data (FedREDefense, Section 6.1 and Appendix A.2; the authors' public code).
+
+The poisoning is described by a :class:`DataPoison` that the simulation turns into
+per-client arrays of the batched trainer (``training.Poison``), so benign and malicious
+clients run in the same compiled program; ``apply`` then sees the genuine updates of the
+poisoned training. Labels are ``y in 0..K-1`` (``K = 10`` for every dataset here).
+
+* ``label_flip`` (Fung et al., 2018): every local label ``y`` becomes ``(y + 1) mod K``, in
+  every epoch; the update is sent as trained. Untargeted: no ASR.
+* ``targeted_label_flip`` (Tolpegin et al., ESORICS 2020): labels of class 0 become 2
+  (other labels unchanged), in every epoch; sent as trained. ASR = fraction of the test
+  images of class 0 classified as 2.
+* ``scaling`` (Bagdasaryan et al., AISTATS 2020): each of the ``E`` local epochs becomes a
+  poisoned epoch followed by a clean one (``2E`` passes over the data, each reshuffled). In a
+  poisoned epoch *every* sample is poisoned: the trigger is stamped (pixels (26, 26),
+  (24, 26), (26, 24), (25, 25) of channel 0 set to 1.0 *after* normalisation) and the label
+  set to 0. This is the authors' ``train_op_backdoor`` (all samples of the poisoned epoch,
+  not a fraction; the paper's "train using both the original and poisoned datasets"). The
+  update is then multiplied by ``s = config['scale']`` (``--attack_scale``, default 3).
+* ``dba`` (Xie et al., ICLR 2020): as ``scaling``, but client ``i`` stamps only the trigger's
+  pixel ``i mod 4`` (in the order above; the authors' ``train_op_dba``). Scaled by ``s``.
+
+ASR of ``scaling`` and ``dba`` (Appendix A.4, the authors' ``eval_op_ensemble_attack``):
+among the test images whose true label is not 0, stamped with the *full* four-pixel trigger,
+the fraction classified as 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedredefense_jax.attacks import register
+from fedredefense_jax.attacks.base import (Attack, AttackContext, AttackInput, AsrSpec, DataPoison,
+                                           replace_malicious)
+
+BACKDOOR_TARGET = 0
+TRIGGER_PIXELS = ((26, 26), (24, 26), (26, 24), (25, 25))  # (row, col) of channel 0
+FLIP_SOURCE, FLIP_TARGET = 0, 2
+
+
+def _no_state(num_clients, key):
+    del num_clients, key
+    return ()
+
+
+def _as_trained(state, inp: AttackInput):
+    return inp.updates, state
+
+
+def _next_class(num_classes: int) -> np.ndarray:
+    return ((np.arange(num_classes) + 1) % num_classes).astype(np.int32)
+
+
+def _source_to_target(num_classes: int) -> np.ndarray:
+    m = np.arange(num_classes, dtype=np.int32)
+    m[FLIP_SOURCE] = FLIP_TARGET
+    return m
+
+
+def _all_to_target(num_classes: int) -> np.ndarray:
+    return np.full(num_classes, BACKDOOR_TARGET, np.int32)
+
+
+def _full_trigger(client_id: int) -> tuple:
+    del client_id
+    return TRIGGER_PIXELS
+
+
+def _dba_piece(client_id: int) -> tuple:
+    return (TRIGGER_PIXELS[client_id % len(TRIGGER_PIXELS)],)
+
+
+@register("label_flip")
+def make_label_flip(ctx: AttackContext) -> Attack:
+    del ctx
+    return Attack("label_flip", _no_state, _as_trained, poison=DataPoison(label_map=_next_class))
+
+
+@register("targeted_label_flip")
+def make_targeted_label_flip(ctx: AttackContext) -> Attack:
+    del ctx
+    return Attack("targeted_label_flip", _no_state, _as_trained, poison=DataPoison(label_map=_source_to_target),
+                  asr=AsrSpec(target=FLIP_TARGET, source=FLIP_SOURCE))
+
+
+def _backdoor(name: str, ctx: AttackContext, trigger_pixels) -> Attack:
+    scale = float(ctx.config.get("scale", 3.0))
+
+    def apply(state, inp: AttackInput):
+        return replace_malicious(inp, scale * inp.updates), state
+
+    return Attack(name, _no_state, apply,
+                  poison=DataPoison(label_map=_all_to_target, trigger_pixels=trigger_pixels, alternate=True),
+                  asr=AsrSpec(target=BACKDOOR_TARGET, trigger_pixels=TRIGGER_PIXELS))
+
+
+@register("scaling")
+def make_scaling(ctx: AttackContext) -> Attack:
+    return _backdoor("scaling", ctx, _full_trigger)
+
+
+@register("dba")
+def make_dba(ctx: AttackContext) -> Attack:
+    return _backdoor("dba", ctx, _dba_piece)
