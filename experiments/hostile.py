@@ -1,5 +1,7 @@
 """Table of what each defense does with each kind of hostile update (NaN, +-Inf, 1e30, zeros,
-a copy of a benign update): malicious rows flagged, global model finite, test accuracy.
+a copy of a benign update): malicious participations flagged (and expelled) or excluded
+from the aggregate (weight 0) or aggregated, whether the global model stayed finite, and
+the test accuracy after the rounds.
 
     python experiments/hostile.py --data_dir=../shared/data/fashion_mnist --rounds=3
 
@@ -39,16 +41,19 @@ def main(argv):
         for kind in FLAGS.kinds:
             f = dataclasses.replace(fed, attack=attacks.make(kind, ctx))
             state = simulation.init_state(f)
-            mal = flagged = 0
+            mal = flagged = excluded = 0
             finite = True
             try:
                 for _ in range(FLAGS.rounds):
                     state, rec = simulation.step(f, state)
                     mal += len(rec["malicious"])
                     flagged += len(set(rec["flagged"]) & set(rec["malicious"]))
+                    weight = dict(zip(rec["participants"], rec["weights"]))
+                    excluded += sum(weight[c] == 0 for c in rec["malicious"])
                     finite &= rec["global_finite"]
                 acc = training.accuracy(setup.predict, state.params, setup.dataset.test_x, setup.dataset.test_y)
-                outcome = (f"flagged {flagged}/{mal}" if flagged else "absorbed") + \
+                outcome = (f"flagged and expelled {flagged}/{mal}" if flagged else
+                           f"excluded (weight 0) {excluded}/{mal}" if excluded else "aggregated") + \
                           (", model finite" if finite else ", MODEL NOT FINITE")
             except Exception as e:  # noqa: BLE001  the table reports any failure
                 acc, outcome = float("nan"), f"error: {type(e).__name__}: {str(e)[:80]}"
