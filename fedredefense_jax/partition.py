@@ -92,3 +92,18 @@ def split_stats(labels: np.ndarray, parts: list[np.ndarray], num_classes: int = 
         "classes_ge_share": float((frac >= share).sum(1).mean()),
         "total": int(counts.sum()),
     }
+
+
+def server_sample(parts: list[np.ndarray], size: int, seed: int) -> np.ndarray:
+    """Indices of the server's root dataset (FLTrust): ``min(size, N)`` training samples
+    drawn uniformly without replacement from the union of the clients' samples (``N`` of
+    them; with the Dirichlet split this is the whole training set), sorted.
+
+    As FLTrust's default setting, the root data are clean samples of the clients'
+    training distribution; they are not removed from the clients' datasets. Deterministic
+    in ``seed`` and independent of the split's own random stream.
+    """
+    pool = np.unique(np.concatenate([np.asarray(p, np.int64) for p in parts])) if parts else np.zeros(0, np.int64)
+    rng = np.random.default_rng([int(seed), 0x5E7])
+    take = min(max(int(size), 0), pool.size)
+    return np.sort(rng.choice(pool, size=take, replace=False))

@@ -37,6 +37,7 @@ from fedredefense_jax import attacks as attacks_lib
 from fedredefense_jax import data as data_lib
 from fedredefense_jax import defenses as defenses_lib
 from fedredefense_jax import metrics, models, partition, simulation, training
+from fedredefense_jax.defenses.fltrust import DEFAULT_ROOT_SIZE
 from fedredefense_jax.defenses.redefense import AGGREGATORS
 
 
@@ -124,6 +125,11 @@ def validate(cfg: ExperimentConfig) -> None:
         v = cfg.defense_config.get(key)
         if v is not None and not (math.isfinite(v) and (v > low if strict else v >= low)):
             raise ConfigError(flag, f"must be a finite number {'>' if strict else '>='} {low}, got {v}")
+    if cfg.defense == "fldetector" and cfg.participation_rate < 1:
+        raise ConfigError("participation_rate",
+                          "fldetector assumes full participation (it predicts each client's update from the "
+                          "client's update of the previous round; the paper, Appendix B.2, does not run it "
+                          f"otherwise), got {cfg.participation_rate}")
     if cfg.defense_config.get("layout") not in (None, "auto", "vmap", "map"):
         raise ConfigError("redefense_layout", f"must be auto, vmap or map, got {cfg.defense_config['layout']!r}")
     agg = cfg.defense_config.get("aggregator")
@@ -196,9 +202,13 @@ def build(cfg: ExperimentConfig) -> Setup:
     apply_fn = models.make_apply_fn(model)
     attack = attacks_lib.make(cfg.attack, attacks_lib.AttackContext(
         cfg.num_clients, cfg.num_malicious, w0, cfg.defense, dict(cfg.attack_config)))
+    root = partition.server_sample(parts, cfg.defense_config.get("fltrust_root_size", DEFAULT_ROOT_SIZE), cfg.seed)
+    local_update = training.make_client_update(apply_fn, unravel, spec.mean, spec.std, batch_size=cfg.batch_size,
+                                               lr=cfg.lr, epochs=cfg.local_epochs)
     defense = defenses_lib.make(cfg.defense, defenses_lib.DefenseContext(
         apply_fn, unravel, cfg.num_clients, cfg.num_malicious, spec.num_classes, spec.input_shape,
-        cfg.dataset, w0, dict(cfg.defense_config)))
+        cfg.dataset, w0, dict(cfg.defense_config), server_data=(ds.train_x[root], ds.train_y[root]),
+        local_update=local_update))
     fl = simulation.FLConfig(cfg.num_clients, cfg.num_malicious, cfg.participation_rate, cfg.rounds,
                              cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.seed, cfg.layout)
     try:

@@ -8,6 +8,7 @@ One round ``t``::
     g    <- attack(g)           rows of malicious clients rewritten (plug point)
     a, flagged <- defense(g)    detection + aggregation             (plug point)
     w^t  <- w^{t-1} + a;   expelled |= flagged
+            (w^t <- w^0, the initial model, when the defense asks for a restart)
 
 The federation (data, model, compiled kernels, attack and defense) is a static
 ``Federation``; everything that changes is in ``SimState``. Participation slots are padded
@@ -208,7 +209,9 @@ def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
     out, defense_state = fed.defense.apply(
         state.defense_state,
         defenses_lib.DefenseInput(state.params, updates, jnp.asarray(ids), jnp.asarray(valid), t, dkey))
-    params = state.params + out.aggregate
+    restart = bool(out.restart)
+    # a restart drops the round's aggregate and goes back to the initial model
+    params = jnp.asarray(fed.init_params) if restart else state.params + out.aggregate
     params.block_until_ready()
     t3 = time.perf_counter()
 
@@ -229,6 +232,8 @@ def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
         "aggregation_s": (t3 - t2) - detection_s,
         "global_finite": bool(jnp.all(jnp.isfinite(params))),
     }
+    if restart:
+        record["restart"] = True
     for k, v in info.items():
         v = np.asarray(v)
         v = v[valid] if v.shape[:1] == valid.shape else v

@@ -13,7 +13,7 @@ a handful of programs); a defense must ignore them and must not flag them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,12 @@ class DefenseContext(NamedTuple):
       dataset: dataset name (selects per-dataset defaults such as Table 7's).
       init_params: flat ``[P]`` initial global model.
       config: free-form per-defense settings (from flags).
+      server_data: optional ``(x uint8 [n, H, W, C], y int32 [n])`` held by the server (the
+        root dataset of FLTrust; ``runner.build`` samples it, see
+        ``partition.server_sample``); None when not provided.
+      local_update: optional ``local_update(w0[P], x, y, count, key) -> g[P]``, the clients'
+        local training (same epochs, batch size and learning rate,
+        ``training.make_client_update``), for defenses that train on ``server_data``.
     """
 
     apply_fn: Callable[..., jax.Array]
@@ -43,6 +49,8 @@ class DefenseContext(NamedTuple):
     dataset: str
     init_params: jax.Array
     config: dict
+    server_data: Any = None
+    local_update: Optional[Callable[..., jax.Array]] = None
 
 
 class DefenseInput(NamedTuple):
@@ -74,12 +82,16 @@ class DefenseOutput(NamedTuple):
       weights: ``[S]`` float, the weight each slot got in the aggregate (0 = excluded);
         used for per-round detection metrics of filtering rules.
       info: dict of per-slot ``[S]`` arrays or scalars to record (e.g. errors).
+      restart: when True the simulator drops ``aggregate`` and resets the global model to the
+        initial model ``init_params`` (the round counter keeps counting, so the total number
+        of rounds stays fixed), e.g. FLDetector's restart after a detection.
     """
 
     aggregate: jax.Array
     flagged: jax.Array
     weights: jax.Array
     info: dict
+    restart: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
