@@ -121,6 +121,20 @@ def test_output_dir_of_another_configuration_is_refused(data, uninterrupted, tmp
     assert sorted(os.listdir(os.path.join(ref_out, "checkpoints"))) == before
 
 
+def test_overwrite_replaces_a_run_of_another_configuration(data, uninterrupted, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "out")
+    shutil.copytree(uninterrupted[0], out)
+    cmd = _cmd(data, out, "--beta=0.5", "--overwrite")
+    cmd[cmd.index(f"--rounds={ROUNDS}")] = "--rounds=2"
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["beta"] == 0.5
+    assert _rounds_written(out) == 2
+
+
 def test_corrupt_checkpoint_gives_one_line_and_is_kept(data, uninterrupted, tmp_path):
     import shutil
 
