@@ -120,3 +120,9 @@ def replace_malicious(inp: AttackInput, crafted: jax.Array) -> jax.Array:
     """Rows of ``crafted`` (``[S, P]`` or ``[P]``) for malicious slots, genuine rows elsewhere."""
     crafted = jnp.broadcast_to(crafted, inp.updates.shape)
     return jnp.where((inp.malicious & inp.valid)[:, None], crafted, inp.updates)
+
+
+def no_state(num_clients, key):
+    """``init`` of a plug-in without state: the empty tuple."""
+    del num_clients, key
+    return ()

@@ -31,17 +31,12 @@ from __future__ import annotations
 import numpy as np
 
 from fedredefense_jax.attacks import register
-from fedredefense_jax.attacks.base import (Attack, AttackContext, AttackInput, AsrSpec, DataPoison,
+from fedredefense_jax.attacks.base import (no_state, Attack, AttackContext, AttackInput, AsrSpec, DataPoison,
                                            replace_malicious)
 
 BACKDOOR_TARGET = 0
 TRIGGER_PIXELS = ((26, 26), (24, 26), (26, 24), (25, 25))  # (row, col) of channel 0
 FLIP_SOURCE, FLIP_TARGET = 0, 2
-
-
-def _no_state(num_clients, key):
-    del num_clients, key
-    return ()
 
 
 def _as_trained(state, inp: AttackInput):
@@ -74,13 +69,13 @@ def _dba_piece(client_id: int) -> tuple:
 @register("label_flip")
 def make_label_flip(ctx: AttackContext) -> Attack:
     del ctx
-    return Attack("label_flip", _no_state, _as_trained, poison=DataPoison(label_map=_next_class))
+    return Attack("label_flip", no_state, _as_trained, poison=DataPoison(label_map=_next_class))
 
 
 @register("targeted_label_flip")
 def make_targeted_label_flip(ctx: AttackContext) -> Attack:
     del ctx
-    return Attack("targeted_label_flip", _no_state, _as_trained, poison=DataPoison(label_map=_source_to_target),
+    return Attack("targeted_label_flip", no_state, _as_trained, poison=DataPoison(label_map=_source_to_target),
                   asr=AsrSpec(target=FLIP_TARGET, source=FLIP_SOURCE))
 
 
@@ -90,7 +85,7 @@ def _backdoor(name: str, ctx: AttackContext, trigger_pixels) -> Attack:
     def apply(state, inp: AttackInput):
         return replace_malicious(inp, scale * inp.updates), state
 
-    return Attack(name, _no_state, apply,
+    return Attack(name, no_state, apply,
                   poison=DataPoison(label_map=_all_to_target, trigger_pixels=trigger_pixels, alternate=True),
                   asr=AsrSpec(target=BACKDOOR_TARGET, trigger_pixels=TRIGGER_PIXELS))
 

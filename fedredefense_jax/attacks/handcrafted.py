@@ -10,18 +10,13 @@
 from __future__ import annotations
 
 from fedredefense_jax.attacks import register
-from fedredefense_jax.attacks.base import Attack, AttackContext, AttackInput, replace_malicious
-
-
-def _no_state(num_clients, key):
-    del num_clients, key
-    return ()
+from fedredefense_jax.attacks.base import no_state, Attack, AttackContext, AttackInput, replace_malicious
 
 
 @register("none")
 def make_none(ctx: AttackContext) -> Attack:
     del ctx
-    return Attack("none", _no_state, lambda state, inp: (inp.updates, state))
+    return Attack("none", no_state, lambda state, inp: (inp.updates, state))
 
 
 @register("mpaf")
@@ -31,10 +26,10 @@ def make_mpaf(ctx: AttackContext) -> Attack:
     def apply(state, inp: AttackInput):
         return replace_malicious(inp, scale * (ctx.init_params - inp.global_params)), state
 
-    return Attack("mpaf", _no_state, apply)
+    return Attack("mpaf", no_state, apply)
 
 
 @register("sign_flip")
 def make_sign_flip(ctx: AttackContext) -> Attack:
     del ctx
-    return Attack("sign_flip", _no_state, lambda state, inp: (replace_malicious(inp, -inp.updates), state))
+    return Attack("sign_flip", no_state, lambda state, inp: (replace_malicious(inp, -inp.updates), state))

@@ -13,15 +13,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from fedredefense_jax.attacks import register
-from fedredefense_jax.attacks.base import Attack, AttackContext, AttackInput, replace_malicious
+from fedredefense_jax.attacks.base import no_state, Attack, AttackContext, AttackInput, replace_malicious
 
 _CONSTANT = {"hostile_nan": jnp.nan, "hostile_inf": jnp.inf, "hostile_neg_inf": -jnp.inf,
              "hostile_huge": 1e30, "hostile_zero": 0.0}
-
-
-def _no_state(num_clients, key):
-    del num_clients, key
-    return ()
 
 
 def _constant_attack(name: str, value: float):
@@ -31,7 +26,7 @@ def _constant_attack(name: str, value: float):
         def apply(state, inp: AttackInput):
             return replace_malicious(inp, jnp.full(inp.updates.shape[1:], value, inp.updates.dtype)), state
 
-        return Attack(name, _no_state, apply)
+        return Attack(name, no_state, apply)
 
     return make
 
@@ -49,4 +44,4 @@ def make_copy(ctx: AttackContext) -> Attack:
         src = jnp.where(benign.any(), jnp.argmax(benign), jnp.argmax(inp.valid))
         return replace_malicious(inp, inp.updates[src]), state
 
-    return Attack("hostile_copy", _no_state, apply)
+    return Attack("hostile_copy", no_state, apply)

@@ -99,7 +99,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fedredefense_jax.attacks import register
-from fedredefense_jax.attacks.base import Attack, AttackContext, AttackInput, replace_malicious
+from fedredefense_jax.attacks.base import no_state, Attack, AttackContext, AttackInput, replace_malicious
 
 LIE_Z_CAP = 3.0
 GAMMA_INIT = 10.0
@@ -108,11 +108,6 @@ FANG_TAU = 1e-5
 FANG_B = 2.0
 _MAX_ITER = 100      # Min-Max / Min-Sum bisection (needs ~log2(gamma_init / tau) = 20)
 _FANG_MAX_ITER = 200  # Krum-attack halvings (lambda_ub up to ~1e55 still reaches 1e-5)
-
-
-def _no_state(num_clients, key):
-    del num_clients, key
-    return ()
 
 
 # --------------------------------------------------------------------------------------
@@ -334,7 +329,7 @@ def make_lie(ctx: AttackContext) -> Attack:
         crafted, _ = lie_craft(inp.updates, inp.malicious, inp.valid, z_cap=z_cap)
         return _finish(inp, crafted), state
 
-    return Attack("lie", _no_state, apply)
+    return Attack("lie", no_state, apply)
 
 
 def _make_min_max_sum(rule: str):
@@ -347,7 +342,7 @@ def _make_min_max_sum(rule: str):
                                            gamma_init=gamma_init, tau=tau)
             return _finish(inp, crafted), state
 
-        return Attack(rule, _no_state, apply)
+        return Attack(rule, no_state, apply)
 
     return make
 
@@ -372,4 +367,4 @@ def make_fang(ctx: AttackContext) -> Attack:
             crafted = fang_trmean_craft(inp.updates, inp.malicious, inp.valid, inp.key, b=b)
             return _finish(inp, crafted), state
 
-    return Attack("fang", _no_state, apply)
+    return Attack("fang", no_state, apply)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from fedredefense_jax.defenses import register
 from fedredefense_jax.defenses.base import (
+    no_state,
     Defense,
     DefenseContext,
     DefenseInput,
@@ -24,9 +25,7 @@ from fedredefense_jax.defenses.base import (
 def make_fedavg(ctx: DefenseContext) -> Defense:
     del ctx
 
-    def init(num_clients, key):
-        del num_clients, key
-        return ()
+    init = no_state
 
     def apply(state, inp: DefenseInput):
         bad = nonfinite_rows(inp.updates) & inp.valid

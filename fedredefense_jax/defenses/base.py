@@ -122,3 +122,9 @@ def fedavg(updates: jax.Array, weights: jax.Array) -> jax.Array:
     safe = jnp.where((w > 0)[:, None], updates, 0.0)
     total = jnp.sum(w)
     return jnp.where(total > 0, (w @ safe) / jnp.maximum(total, 1e-12), jnp.zeros_like(safe[0]))
+
+
+def no_state(num_clients, key):
+    """``init`` of a plug-in without state: the empty tuple."""
+    del num_clients, key
+    return ()

@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 
 from fedredefense_jax.defenses import register
-from fedredefense_jax.defenses.base import Defense, DefenseContext, DefenseInput, DefenseOutput
+from fedredefense_jax.defenses.base import no_state, Defense, DefenseContext, DefenseInput, DefenseOutput
 from fedredefense_jax.defenses.robust import (
     candidates,
     clip_rows,
@@ -121,9 +121,7 @@ def make_flame(ctx: DefenseContext) -> Defense:
     ``noise_sigma``."""
     lam = float((ctx.config or {}).get("flame_lambda") or DEFAULT_LAMBDA)
 
-    def init(num_clients, key):
-        del num_clients, key
-        return ()
+    init = no_state
 
     def apply(state, inp: DefenseInput):
         valid = jnp.asarray(inp.valid, bool)

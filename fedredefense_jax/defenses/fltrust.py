@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedredefense_jax.defenses import register
-from fedredefense_jax.defenses.base import Defense, DefenseContext, DefenseInput, DefenseOutput
+from fedredefense_jax.defenses.base import no_state, Defense, DefenseContext, DefenseInput, DefenseOutput
 from fedredefense_jax.defenses.robust import candidates, scale_rows
 
 #: The paper's root dataset size (Appendix A.3).
@@ -95,9 +95,7 @@ def make_fltrust(ctx: DefenseContext) -> Defense:
                          f"{root_x.shape[0]} samples and {count} labels")
     server_train = jax.jit(ctx.local_update)
 
-    def init(num_clients, key):
-        del num_clients, key
-        return ()
+    init = no_state
 
     def apply(state, inp: DefenseInput):
         valid = jnp.asarray(inp.valid, bool)

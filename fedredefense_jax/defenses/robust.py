@@ -37,6 +37,7 @@ from jax import lax
 
 from fedredefense_jax.defenses import register
 from fedredefense_jax.defenses.base import (
+    no_state,
     Defense,
     DefenseContext,
     DefenseInput,
@@ -158,11 +159,6 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask[:, None], x * inv, 0.0), axis=0)
 
 
-def _stateless_init(num_clients, key):
-    del num_clients, key
-    return ()
-
-
 # --------------------------------------------------------------------------------------
 # Krum
 # --------------------------------------------------------------------------------------
@@ -218,7 +214,7 @@ def make_krum(ctx: DefenseContext) -> Defense:
         )
         return out, state
 
-    return Defense("krum", _stateless_init, apply)
+    return Defense("krum", no_state, apply)
 
 
 # --------------------------------------------------------------------------------------
@@ -256,7 +252,7 @@ def make_median(ctx: DefenseContext) -> Defense:
                             {"nonfinite": valid & ~cand})
         return out, state
 
-    return Defense("median", _stateless_init, apply)
+    return Defense("median", no_state, apply)
 
 
 @register("trimmed_mean")
@@ -272,7 +268,7 @@ def make_trimmed_mean(ctx: DefenseContext) -> Defense:
                             {"nonfinite": valid & ~cand, "q": q})
         return out, state
 
-    return Defense("trimmed_mean", _stateless_init, apply)
+    return Defense("trimmed_mean", no_state, apply)
 
 
 # --------------------------------------------------------------------------------------
@@ -327,4 +323,4 @@ def make_norm_bound(ctx: DefenseContext) -> Defense:
                             {"nonfinite": valid & ~cand, "threshold": thr})
         return out, state
 
-    return Defense("norm_bound", _stateless_init, apply)
+    return Defense("norm_bound", no_state, apply)
