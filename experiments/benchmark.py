@@ -61,6 +61,21 @@ def _client_data(num_clients: int, data_dir: str | None):
                                 np.full(num_clients, n, np.int32))
 
 
+def _model(model_name: str, conv_impl: str):
+    """``(w0[P], unravel, apply_fn)`` of the Fashion-MNIST model, initialised with key 0."""
+    spec = data_lib.SPECS["fashion_mnist"]
+    model = models.build_model(model_name, "fashion_mnist", 10, conv_impl)
+    w0, unravel = ravel_pytree(models.init_params(model, jax.random.key(0), spec.input_shape))
+    return w0, unravel, models.make_apply_fn(model)
+
+
+def _device_clients(num_clients: int, data_dir: str | None):
+    """``(ClientData, x, y, counts on device, ids[p])`` of all clients."""
+    cd = _client_data(num_clients, data_dir)
+    cx, cy, cn = (jax.device_put(a) for a in (cd.x, cd.y, cd.counts))
+    return cd, cx, cy, cn, np.arange(num_clients, dtype=np.int32)
+
+
 def _median_time(fn, repeats: int) -> tuple[float, float]:
     t = time.perf_counter()
     jax.block_until_ready(fn())
@@ -83,12 +98,8 @@ def _add_speedups(results: dict, time_key: str) -> None:
 
 def bench_local_training(num_clients, data_dir, model_name, conv_impl, layouts, repeats) -> dict:
     spec = data_lib.SPECS["fashion_mnist"]
-    cd = _client_data(num_clients, data_dir)
-    model = models.build_model(model_name, "fashion_mnist", 10, conv_impl)
-    w0, unravel = ravel_pytree(models.init_params(model, jax.random.key(0), spec.input_shape))
-    apply_fn = models.make_apply_fn(model)
-    cx, cy, cn = (jax.device_put(a) for a in (cd.x, cd.y, cd.counts))
-    ids = np.arange(num_clients, dtype=np.int32)
+    w0, unravel, apply_fn = _model(model_name, conv_impl)
+    cd, cx, cy, cn, ids = _device_clients(num_clients, data_dir)
     keys = training.client_keys(jax.random.key(1), ids)
     one = jax.jit(training.make_client_update(apply_fn, unravel, spec.mean, spec.std,
                                               batch_size=32, lr=1e-3, epochs=1))
@@ -126,9 +137,7 @@ def bench_reconstruction(model_name, conv_impl, num_clients, iters, layouts, rep
     from fedredefense_jax.defenses import redefense
 
     spec = data_lib.SPECS["fashion_mnist"]
-    model = models.build_model(model_name, "fashion_mnist", 10, conv_impl)
-    w0, unravel = ravel_pytree(models.init_params(model, jax.random.key(0), spec.input_shape))
-    apply_fn = models.make_apply_fn(model)
+    w0, unravel, apply_fn = _model(model_name, conv_impl)
     updates = 1e-3 * jax.random.normal(jax.random.key(1), (num_clients, w0.size))
     kn = redefense.init_knowledge(jax.random.key(2), num_clients, spec.input_shape, 10)
     caps = np.full(num_clients, iters, np.int32)
@@ -184,12 +193,8 @@ compiles bucket sizes not met before) and then ``repeats`` timed times.
     from fedredefense_jax.defenses import redefense
 
     spec = data_lib.SPECS["fashion_mnist"]
-    cd = _client_data(num_clients, data_dir)
-    model = models.build_model(model_name, "fashion_mnist", 10, conv_impl)
-    w0, unravel = ravel_pytree(models.init_params(model, jax.random.key(0), spec.input_shape))
-    apply_fn = models.make_apply_fn(model)
-    cx, cy, cn = (jax.device_put(a) for a in (cd.x, cd.y, cd.counts))
-    ids = np.arange(num_clients, dtype=np.int32)
+    w0, unravel, apply_fn = _model(model_name, conv_impl)
+    cd, cx, cy, cn, ids = _device_clients(num_clients, data_dir)
     train = training.make_trainer(apply_fn, unravel, spec.mean, spec.std)
     u1 = train(w0, cx, cy, cn, ids, training.client_keys(jax.random.key(1), ids))
     w1 = w0 + u1.mean(axis=0)
