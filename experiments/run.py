@@ -35,6 +35,11 @@ flags.DEFINE_string("attack", "none", "Attack name (see fedredefense_jax.attacks
 flags.DEFINE_string("defense", "fedavg", "Defense name (see fedredefense_jax.defenses.names()).")
 flags.DEFINE_string("layout", None, "Client batching: vmap, map or chunked; unset = fastest for the backend.")
 flags.DEFINE_float("attack_scale", 3.0, "Scaling factor of MPAF (and the scaling attacks).")
+flags.DEFINE_float("adaptive_delta_init", 2.0, "Adaptive attacks (Algorithm 3): initial step delta_init of the scale search.")
+flags.DEFINE_float("adaptive_step_min", 0.125, "Adaptive attacks (Algorithm 3): the search stops once the step is below gamma_att.")
+flags.DEFINE_integer("train_subset", None, "Use this many training images (a seeded uniform subset) before the split; "
+                     "unset = all. 30 clients over 18000 Fashion-MNIST images hold ~600 each, as 100 clients over 60000.")
+flags.DEFINE_integer("flcert_groups", None, "FLCert: number of client groups, one Median-trained model each (paper: 10).")
 # FedREDefense (unset = the paper's defaults: Section 5.1.4 and Table 7 for the dataset).
 flags.DEFINE_float("gamma", None, "Reconstruction-error threshold (paper: 0.6).")
 flags.DEFINE_integer("inner_steps", None, "Inner GD steps N of the virtual model (paper: 5).")
@@ -55,7 +60,7 @@ _REDEFENSE_FLAGS = {"gamma": "gamma", "inner_steps": "inner_steps", "distill_ima
                     "lr_images": "lr_images", "lr_labels": "lr_labels", "alpha_init": "alpha_init",
                     "lr_alpha": "lr_alpha", "first_cap": "first_cap", "later_cap": "later_cap",
                     "redefense_variant": "variant", "redefense_layout": "layout",
-                    "redefense_aggregator": "aggregator"}
+                    "redefense_aggregator": "aggregator", "flcert_groups": "groups"}
 
 
 def config_from_flags():
@@ -68,7 +73,9 @@ def config_from_flags():
         batch_size=FLAGS.batch_size, lr=FLAGS.lr, seed=FLAGS.seed, output_dir=FLAGS.output_dir,
         eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every, overwrite=FLAGS.overwrite,
         attack=FLAGS.attack, defense=FLAGS.defense, layout=FLAGS.layout,
-        attack_config={"scale": FLAGS.attack_scale},
+        train_subset=FLAGS.train_subset,
+        attack_config={"scale": FLAGS.attack_scale, "delta_init": FLAGS.adaptive_delta_init,
+                       "step_min": FLAGS.adaptive_step_min},
         defense_config={key: FLAGS[name].value for name, key in _REDEFENSE_FLAGS.items()
                         if FLAGS[name].value is not None})
 

@@ -73,6 +73,7 @@ class ExperimentConfig:
     defense_config: dict = dataclasses.field(default_factory=dict)
     checkpoint_every: int = 1
     overwrite: bool = False
+    train_subset: int | None = None
 
 
 # Settings that may change when a run in ``output_dir`` is resumed (extended, re-evaluated).
@@ -111,6 +112,9 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("batch_size", f"must be >= 1, got {cfg.batch_size}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ConfigError("lr", f"must be a finite number > 0, got {cfg.lr}")
+    if cfg.train_subset is not None and cfg.train_subset < cfg.num_clients:
+        raise ConfigError("train_subset", f"must be >= num_clients={cfg.num_clients} (or unset = all training "
+                          f"images), got {cfg.train_subset}")
     if cfg.eval_every < 1:
         raise ConfigError("eval_every", f"must be >= 1, got {cfg.eval_every}")
     if cfg.checkpoint_every < 1:
@@ -137,6 +141,14 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("redefense_aggregator", f"must be one of {', '.join(AGGREGATORS)}, got {agg!r}")
     if not math.isfinite(cfg.attack_config.get("scale", 1.0)):
         raise ConfigError("attack_scale", "must be finite")
+    if not (cfg.attack_config.get("delta_init", 2.0) > 0 and math.isfinite(cfg.attack_config.get("delta_init", 2.0))):
+        raise ConfigError("adaptive_delta_init", f"must be a finite number > 0, got {cfg.attack_config['delta_init']}")
+    step_min = cfg.attack_config.get("step_min", 0.125)
+    if not (step_min > 0 and math.isfinite(step_min)):
+        raise ConfigError("adaptive_step_min", f"must be a finite number > 0, got {step_min}")
+    groups = cfg.defense_config.get("groups")
+    if groups is not None and not 1 <= groups <= cfg.num_clients:
+        raise ConfigError("flcert_groups", f"must be in [1, num_clients={cfg.num_clients}], got {groups}")
     if cfg.data_dir is not None and not os.path.exists(cfg.data_dir):
         raise ConfigError("data_dir", f"no such file or directory: {cfg.data_dir}")
 
@@ -194,6 +206,11 @@ def build(cfg: ExperimentConfig) -> Setup:
     """Loads the data, splits it, builds the model, attack and defense."""
     ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir)
     spec = ds.spec
+    if cfg.train_subset is not None:
+        if cfg.train_subset > len(ds.train_y):
+            raise ConfigError("train_subset", f"{cfg.train_subset} exceeds the {len(ds.train_y)} training images "
+                              f"of {cfg.dataset}")
+        ds = partition.subset_train(ds, cfg.train_subset, cfg.seed)
     parts = partition.dirichlet_split(ds.train_y, cfg.num_clients, cfg.beta, cfg.seed, spec.num_classes)
     clients = partition.stack_clients(ds.train_x, ds.train_y, parts)
     model = models.build_model(cfg.model, cfg.dataset, spec.num_classes, cfg.conv_impl)
@@ -209,6 +226,9 @@ def build(cfg: ExperimentConfig) -> Setup:
         apply_fn, unravel, cfg.num_clients, cfg.num_malicious, spec.num_classes, spec.input_shape,
         cfg.dataset, w0, dict(cfg.defense_config), server_data=(ds.train_x[root], ds.train_y[root]),
         local_update=local_update))
+    if attack.needs_probe and defense.probe is None:
+        raise ConfigError("attack", f"{cfg.attack} adapts to FedREDefense's reconstruction: it needs a defense "
+                          f"that offers a probe (--defense=fedredefense), got --defense={cfg.defense}")
     fl = simulation.FLConfig(cfg.num_clients, cfg.num_malicious, cfg.participation_rate, cfg.rounds,
                              cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.seed, cfg.layout)
     try:
@@ -366,11 +386,12 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
             r0 = time.time()
             state, rec = simulation.step(fed, state)
             if t % cfg.eval_every == 0 or t == cfg.rounds:
-                rec["test_acc"] = training.accuracy(setup.predict, state.params, setup.dataset.test_x,
+                model = eval_model(fed, state)
+                rec["test_acc"] = training.accuracy(setup.predict, model, setup.dataset.test_x,
                                                     setup.dataset.test_y)
                 accs[t] = rec["test_acc"]
                 if setup.asr is not None:
-                    rec["asr"] = asrs[t] = setup.asr(state.params)
+                    rec["asr"] = asrs[t] = setup.asr(model)
             rec["round_s"] = time.time() - r0
             round_times.append(rec["round_s"])
             records.append({k: rec[k] for k in keys if k in rec})
@@ -398,6 +419,14 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
     summary["status"] = "done"
     _atomic_json(summary_path, summary)
     return summary
+
+
+def eval_model(fed: simulation.Federation, state: simulation.SimState) -> jax.Array:
+    """What predicts: the global model ``[P]``, or the defense's voting ensemble ``[G, P]``
+    (FLCert)."""
+    if fed.defense.ensemble is not None:
+        return fed.defense.ensemble(state.defense_state)
+    return state.params
 
 
 def _final_metrics(cfg, fed, state, accs, round_times, start, records, asrs=None) -> dict:

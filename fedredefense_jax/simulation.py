@@ -194,16 +194,26 @@ def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
 
     t0 = time.perf_counter()
     poison = {} if fed.poison is None else {"poison": fed.poison}
-    updates = fed.train(state.params, fed.client_x, fed.client_y, fed.client_counts, ids,
+    start = state.params
+    if fed.defense.client_models is not None:  # per-slot start models (e.g. FLCert's groups)
+        start = fed.defense.client_models(state.defense_state, state.params, jnp.asarray(ids))
+    updates = fed.train(start, fed.client_x, fed.client_y, fed.client_counts, ids,
                         training.client_keys(tkey, ids), **poison)
     updates.block_until_ready()
     t1 = time.perf_counter()
 
     malicious = fed.malicious[ids] & valid
+    probe = None
+    if fed.defense.probe is not None:
+        def probe(rows, slots):
+            slots = jnp.asarray(np.asarray(slots, bool) & valid)
+            return fed.defense.probe(state.defense_state, defenses_lib.DefenseInput(
+                state.params, jnp.asarray(rows, updates.dtype), jnp.asarray(ids), slots, t, dkey))
     inp = attacks_lib.AttackInput(state.params, updates, jnp.asarray(malicious), jnp.asarray(valid),
-                                  jnp.asarray(ids), t, akey)
+                                  jnp.asarray(ids), t, akey, probe)
     crafted, attack_state = fed.attack.apply(state.attack_state, inp)
     updates = check_attack_output(fed.attack.name, crafted, updates)
+    attack_info = {} if fed.attack.record is None else fed.attack.record(attack_state, ids)
     t2 = time.perf_counter()
 
     out, defense_state = fed.defense.apply(
@@ -219,6 +229,7 @@ def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
     expelled = state.expelled.copy()
     expelled[ids[flagged]] = True
     info = {k: v for k, v in out.info.items()}
+    info.update({f"attack_{k}": v for k, v in attack_info.items()})
     detection_s = float(info.pop("detection_s", 0.0))
     record = {
         "round": t,

@@ -194,7 +194,8 @@ def make_trainer(apply_fn: Callable, unravel: Callable, mean, std, *, batch_size
     """Jitted ``train(w0[P], client_x[p,n,...], client_y[p,n], counts[p], ids[S], keys[S]) -> [S, P]``.
 
     Gathers the ``S`` participating clients' data by id inside the program, trains them all
-    from the same global model ``w0`` and returns their update matrix. With ``poisoning``
+    from the same global model ``w0`` (or, with ``w0[S, P]``, each slot from its own row)
+    and returns their update matrix. With ``poisoning``
     (``"constant"`` / ``"alternating"``) the call takes ``poison=``, a :class:`Poison` of
     per-client arrays (``[p, K]``, ``[p, H, W, C]``, ``[p]``) gathered by id like the data.
     """
@@ -202,6 +203,7 @@ def make_trainer(apply_fn: Callable, unravel: Callable, mean, std, *, batch_size
     one = make_client_update(apply_fn, unravel, mean, std, batch_size=batch_size, lr=lr, epochs=epochs,
                              poisoning=poisoning)
     mapped = map_clients(one, layout, chunk)
+    mapped_own = map_clients(lambda _, w, *a: one(w, *a), layout, chunk)
 
     @jax.jit
     def train(w0, client_x, client_y, counts, ids, keys, poison: Poison | None = None):
@@ -210,6 +212,8 @@ def make_trainer(apply_fn: Callable, unravel: Callable, mean, std, *, batch_size
         per_slot = (client_x[ids], client_y[ids], counts[ids], keys)
         if poison is not None:
             per_slot += (Poison(*(jnp.asarray(a)[ids] for a in poison)),)
+        if w0.ndim == 2:  # each slot starts from its own model (e.g. FLCert's group models)
+            return mapped_own(None, w0, *per_slot)
         return mapped(w0, *per_slot)
 
     return train
@@ -222,7 +226,8 @@ def client_keys(round_key: jax.Array, ids: np.ndarray) -> jax.Array:
 
 def make_predictor(apply_fn: Callable, unravel: Callable, mean, std, batch: int = 1000,
                    trigger=None) -> Callable:
-    """Jitted ``predict(w[P], x[N,H,W,C] uint8) -> [N] int32`` in batches of ``batch``; with
+    """Jitted ``predict(w[P], x[N,H,W,C] uint8) -> [N] int32`` in batches of ``batch`` (``w[G, P]``:
+    the :func:`majority_vote` of the ``G`` models' predictions); with
     ``trigger`` (``[H, W, C]`` bool) the images are stamped (:func:`stamp_trigger`) first."""
     trigger = None if trigger is None else jnp.asarray(trigger, bool)
 
@@ -236,6 +241,8 @@ def make_predictor(apply_fn: Callable, unravel: Callable, mean, std, batch: int 
         return jax.lax.map(lambda b: jnp.argmax(apply_fn(params, prepare(b)), -1).astype(jnp.int32), xb)
 
     def predict(w, x):
+        if np.ndim(w) == 2:  # an ensemble [G, P]: majority vote of its models
+            return majority_vote(np.stack([predict(wg, x) for wg in w]))
         n = x.shape[0]
         nb = -(-n // batch)
         xp = np.zeros((nb * batch, *x.shape[1:]), x.dtype)
@@ -243,6 +250,16 @@ def make_predictor(apply_fn: Callable, unravel: Callable, mean, std, batch: int 
         return np.asarray(_predict(w, xp.reshape(nb, batch, *x.shape[1:]))).reshape(-1)[:n]
 
     return predict
+
+
+def majority_vote(preds: np.ndarray) -> np.ndarray:
+    """``[G, N]`` int labels -> ``[N]``: per column the label most models predict; a tie
+    goes to the smallest such label."""
+    preds = np.asarray(preds)
+    k = int(preds.max()) + 1 if preds.size else 1
+    counts = np.zeros((k, preds.shape[1]), np.int32)
+    np.add.at(counts, (preds, np.arange(preds.shape[1])[None, :]), 1)
+    return counts.argmax(axis=0).astype(np.int32)
 
 
 def accuracy(predict: Callable, w: jax.Array, x: np.ndarray, y: np.ndarray) -> float:

@@ -337,3 +337,49 @@ def test_fixed_count_variant_reports_loss_after_steps(rec, setup, cfg):
     assert inf.iterations[0] == 0
     np.testing.assert_allclose(inf.errors[0], res.errors[0], rtol=1e-5)
     np.testing.assert_array_equal(inf.knowledge.images, res.knowledge.images)
+
+
+# ------------------------------------------------------------- adaptive attack (Algorithm 3)
+
+
+def test_search_scale_finds_the_largest_unflagged_grid_factor():
+    from fedredefense_jax.attacks.adaptive import search_scale
+
+    limits = np.array([2.3, 0.5, 10.0, 1.0, 3.0])  # flagged iff factor > limit
+    slots = np.array([True, True, True, True, False])
+    calls = []
+
+    def probe(rows, s):
+        calls.append(np.asarray(s).copy())
+        lam = np.asarray(rows)[:, 0]  # rows are lam * ones
+        return {"flagged": np.asarray(s) & (lam > limits)}
+
+    lam = search_scale(probe, jnp.ones((5, 3)), slots)
+    # 1 + 2 + 1 + 0.5 + 0.25 + 0.125 = 4.875 is the largest reachable factor
+    np.testing.assert_allclose(lam, [2.25, 1.0, 4.875, 1.0, 1.0])
+    assert len(calls) == 5 and all(np.array_equal(c, slots) for c in calls)
+
+
+def test_adaptive_search_against_the_real_reconstruction(setup, defense, round1):
+    """With the defender's knowledge of client 0 after round 1, the factor found is not
+    flagged, factor + 0.125 is (unless the search hit its ceiling), and probing leaves the
+    defense state untouched."""
+    from fedredefense_jax.attacks.adaptive import search_scale
+
+    _, _, state = round1
+    before = [np.asarray(a).copy() for a in jax.tree_util.tree_leaves(state)]
+    g = setup["g"]
+
+    def probe(rows, slots):
+        return defense.probe(state, _inp(setup, list(rows), [0, 1], slots, 2))
+
+    updates = jnp.stack([g, g])
+    lam = search_scale(probe, updates, np.array([True, False]))
+    assert lam[1] == 1.0 and 1.0 <= lam[0] <= 4.875
+    at = probe(jnp.stack([lam[0] * g, g]), np.array([True, False]))
+    assert not at["flagged"][0] and at["error"][0] <= 0.6 and np.isnan(at["error"][1])
+    if lam[0] < 4.875:
+        above = probe(jnp.stack([(lam[0] + 0.125) * g, g]), np.array([True, False]))
+        assert above["flagged"][0] and above["error"][0] > 0.6
+    for a, b in zip(before, jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(a, np.asarray(b))

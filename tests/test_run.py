@@ -38,6 +38,9 @@ def _run_cli(*args, timeout=300):
     (["--attack_scale=nan"], "attack_scale"),
     (["--checkpoint_every=0"], "checkpoint_every"),
     (["--attack=sign_flip", "--defense=fedavg", "--batch_size=0"], "batch_size"),
+    (["--num_clients=10", "--num_malicious=2", "--train_subset=5"], "train_subset"),
+    (["--defense=flcert", "--flcert_groups=0"], "flcert_groups"),
+    (["--attack=adaptive_label_flip", "--adaptive_step_min=0"], "adaptive_step_min"),
 ])
 def test_bad_flags_fail_in_one_line(args, flag, tmp_path):
     r = _run_cli(*args, f"--output_dir={tmp_path / 'out'}")
@@ -125,3 +128,51 @@ def test_fashion_mnist_end_to_end(shared_data, tmp_path):
     rows = [json.loads(ln) for ln in open(tmp_path / "out" / "rounds.jsonl")]
     assert all(len(r["participants"]) == 5 for r in rows)
     assert np.isfinite(s["seconds_per_round_median"])
+
+
+def test_adaptive_attack_needs_fedredefense(tmp_path):
+    d = tmp_path / "fm"
+    write_idx_dir(d, n_train=80, n_test=20)
+    cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=1, rounds=1,
+                                  attack="adaptive_label_flip", defense="median", output_dir=str(tmp_path / "o"))
+    with pytest.raises(runner.ConfigError, match="--attack.*fedredefense"):
+        runner.run(cfg, progress=False)
+
+
+def test_adaptive_label_flip_run_records_scale_factors(tmp_path):
+    """Algorithm 3 inside a run: each malicious participant gets a factor on the search's
+    grid (1 + k/8, at most 4.875) and no factor that the defense would flag is sent."""
+    d = tmp_path / "fm"
+    write_idx_dir(d, n_train=160, n_test=40)
+    out = tmp_path / "out"
+    cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=2, rounds=2, eval_every=1,
+                                  attack="adaptive_label_flip", defense="fedredefense", output_dir=str(out),
+                                  defense_config={"first_cap": 20, "later_cap": 20})
+    runner.run(cfg, progress=False)
+    rows = [json.loads(ln) for ln in open(out / "rounds.jsonl")]
+    for r in rows:
+        scale = dict(zip(r["participants"], r["attack_scale"]))
+        for c in r["participants"]:
+            if c in r["malicious"]:
+                assert 1 <= scale[c] <= 4.875 and (scale[c] * 8) == int(scale[c] * 8)
+                if scale[c] > 1:  # a factor above 1 was accepted by the probe: not flagged
+                    assert c not in r["flagged"]
+            else:
+                assert scale[c] == 0  # benign clients never scale
+
+
+def test_flcert_run_and_train_subset(tmp_path):
+    """FLCert end to end: per-group models, TACC from the vote; --train_subset splits only
+    the subset."""
+    d = tmp_path / "fm"
+    write_idx_dir(d, n_train=200, n_test=40)
+    out = tmp_path / "out"
+    cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=6, num_malicious=1, rounds=2, eval_every=1,
+                                  attack="mpaf", defense="flcert", defense_config={"groups": 3},
+                                  train_subset=120, output_dir=str(out), batch_size=8)
+    s = runner.run(cfg, progress=False)
+    rows = [json.loads(ln) for ln in open(out / "rounds.jsonl")]
+    assert s["split"]["total"] == 120
+    assert sorted(set(rows[0]["group"])) == [0, 1, 2]
+    assert np.bincount(rows[0]["group"]).tolist() == [2, 2, 2]
+    assert 0 <= s["test_acc"] <= 1 and all(r["global_finite"] for r in rows)

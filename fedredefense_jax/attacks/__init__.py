@@ -34,6 +34,7 @@ def _load_builtins() -> None:
     from fedredefense_jax.attacks import hostile as _hostile  # noqa: F401
     from fedredefense_jax.attacks import model_poisoning as _model_poisoning  # noqa: F401
     from fedredefense_jax.attacks import data_poisoning as _data_poisoning  # noqa: F401
+    from fedredefense_jax.attacks import adaptive as _adaptive  # noqa: F401
 
 
 _REGISTRY = Registry("attack", _load_builtins)

@@ -45,6 +45,11 @@ class AttackInput(NamedTuple):
       valid: ``[S]`` bool, False for padding slots.
       client_ids: ``[S]`` int32.
       round: 1-based round; key: PRNG key.
+      probe: None, or, when the server's defense offers one (``Defense.probe``), the
+        white-box oracle ``probe(updates[S, P], slots[S] bool) -> {'error': [S],
+        'flagged': [S] bool}``: what the defense would decide this round for ``slots`` if
+        they sent those rows (the adaptive attacks' threat model: the attacker knows the
+        defense, its settings and its state).
     """
 
     global_params: jax.Array
@@ -54,6 +59,7 @@ class AttackInput(NamedTuple):
     client_ids: jax.Array
     round: int
     key: jax.Array
+    probe: Callable | None = None
 
 
 def _identity_labels(num_classes: int) -> np.ndarray:
@@ -96,13 +102,18 @@ class AsrSpec:
 @dataclasses.dataclass(frozen=True)
 class Attack:
     """``poison``: how compromised clients poison their data (None: they train on clean
-    data); ``asr``: the attack's success rate (None: untargeted, no ASR)."""
+    data); ``asr``: the attack's success rate (None: untargeted, no ASR); ``record``:
+    ``(state, ids[S]) -> {name: [S] array}`` written into each round's record as
+    ``attack_<name>`` (e.g. the adaptive attacks' scale factors); ``needs_probe``: the attack
+    requires a defense with a ``probe`` (an adaptive attack)."""
 
     name: str
     init: Callable[..., Any]
     apply: Callable[..., tuple]
     poison: DataPoison | None = None
     asr: AsrSpec | None = None
+    record: Callable[..., dict] | None = None
+    needs_probe: bool = False
 
 
 def trigger_mask(input_shape, pixels, channel: int = 0) -> np.ndarray:

@@ -26,6 +26,7 @@ def _load_builtins() -> None:
     # Imported lazily so that the rules can import this registry without a cycle.
     from fedredefense_jax.defenses import average as _average  # noqa: F401
     from fedredefense_jax.defenses import flame as _flame  # noqa: F401
+    from fedredefense_jax.defenses import flcert as _flcert  # noqa: F401
     from fedredefense_jax.defenses import fldetector as _fldetector  # noqa: F401
     from fedredefense_jax.defenses import fltrust as _fltrust  # noqa: F401
     from fedredefense_jax.defenses import redefense as _redefense  # noqa: F401

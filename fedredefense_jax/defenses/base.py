@@ -101,11 +101,25 @@ class Defense:
     ``init(num_clients, key) -> state``;
     ``apply(state, DefenseInput) -> (DefenseOutput, state)``.
     ``apply`` may be plain Python that calls jitted kernels.
+
+    Optional hooks, None for a rule with one global model and no oracle:
+      client_models: ``(state, global_params[P], ids[S]) -> [S, P]``, the model each slot's
+        client starts from (FLCert's per-group models); None: the global model.
+      ensemble: ``state -> [G, P]``, models whose majority vote is the prediction (TACC and
+        ASR are evaluated on the vote); None: the global model predicts.
+      probe: ``(state, DefenseInput) -> {'error': [S] float, 'flagged': [S] bool}``, what
+        ``apply`` would compute and decide for the valid slots of ``DefenseInput``, without
+        changing ``state``: the white-box oracle of an adaptive attacker who knows the
+        defense, its settings and its state (FedREDefense: reconstruction errors, flagged
+        above gamma).
     """
 
     name: str
     init: Callable[..., Any]
     apply: Callable[..., tuple]
+    client_models: Optional[Callable[..., jax.Array]] = None
+    ensemble: Optional[Callable[[Any], jax.Array]] = None
+    probe: Optional[Callable[..., Any]] = None
 
 
 def nonfinite_rows(updates: jax.Array) -> jax.Array:

@@ -670,8 +670,8 @@ def make_redefense(ctx: DefenseContext) -> Defense:
                             cfg.images_per_class, cfg.alpha_init, cfg.init_noise)
         return RedefenseState(kn, jnp.zeros((num_clients,), jnp.int32))
 
-    def apply(state: RedefenseState, inp: DefenseInput):
-        num_clients = state.last_opt_round.shape[0]
+    def reconstruct_round(state: RedefenseState, inp: DefenseInput):
+        """Algorithm 2 for the valid slots: ``(result, bad[S], run[S], ids[S])``."""
         valid = np.asarray(inp.valid, bool)
         ids = np.asarray(inp.client_ids, np.int32)
         if len(np.unique(ids[valid])) != valid.sum():
@@ -679,15 +679,31 @@ def make_redefense(ctx: DefenseContext) -> Defense:
         updates = jnp.asarray(inp.updates)
         bad = invalid_updates(updates, valid)
         run = valid & ~bad
-
         gather_ids = np.where(valid, ids, 0)
         kn = _gather_clients(state.knowledge, jnp.asarray(gather_ids), cfg.reset_momentum)
         last_opt = np.asarray(state.last_opt_round)[gather_ids]
         caps = iteration_caps(cfg, kn.seen, last_opt, inp.round)
-        t0 = time.perf_counter()
         res = rec.reconstruct(kn, inp.global_params, jnp.where(run[:, None], updates, 0.0),
                               caps, run, early_stop=cfg.variant == "dynamic",
                               final_eval=cfg.variant != "dynamic")
+        return res, bad, run, ids
+
+    def probe(state: RedefenseState, inp: DefenseInput) -> dict:
+        """What :func:`apply` would decide for the valid slots this round, ``state`` unchanged:
+        ``{'error': [S]`` reconstruction errors (``inf`` for a non-finite or zero update, NaN
+        for invalid slots), ``'flagged': [S]`` bool ``}``."""
+        res, bad, _, _ = reconstruct_round(state, inp)
+        errors = np.where(bad, np.inf, res.errors).astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            flagged = np.asarray(inp.valid, bool) & ~(errors <= cfg.gamma)
+        return {"error": errors, "flagged": flagged}
+
+    def apply(state: RedefenseState, inp: DefenseInput):
+        num_clients = state.last_opt_round.shape[0]
+        valid = np.asarray(inp.valid, bool)
+        updates = jnp.asarray(inp.updates)
+        t0 = time.perf_counter()
+        res, bad, run, ids = reconstruct_round(state, inp)
         detection_s = time.perf_counter() - t0
 
         errors = res.errors
@@ -712,4 +728,4 @@ def make_redefense(ctx: DefenseContext) -> Defense:
         )
         return out, RedefenseState(knowledge, last_opt_round)
 
-    return Defense("fedredefense", init, apply)
+    return Defense("fedredefense", init, apply, probe=probe)
