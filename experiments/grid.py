@@ -121,6 +121,20 @@ def cell_text(s: dict) -> str:
     return t + (f"/{pct(s['asr'])}" if s.get("asr") is not None else "")
 
 
+def excluded_share(path: str) -> float | None:
+    """Fraction of all participations that got aggregation weight 0 (filtered out)."""
+    kept = total = 0
+    try:
+        with open(os.path.join(path, "rounds.jsonl")) as f:
+            for line in f:
+                w = json.loads(line)["weights"]
+                total += len(w)
+                kept += sum(1 for x in w if x > 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return (total - kept) / total if total else None
+
+
 def write_table(root: str) -> dict:
     """Reads every finished cell under ``root``; writes table.md / table.json; returns the
     table as ``{attack: {defense: summary-extract}}``."""
@@ -139,6 +153,7 @@ def write_table(root: str) -> dict:
             "clients": s.get("config", {}).get("num_clients"),
             **{k: det.get(k) for k in ("dacc", "fpr", "fnr", "aar", "adacc", "afpr", "afnr")}}
         table[attack][defense]["text"] = cell_text(s)
+        table[attack][defense]["excluded"] = excluded_share(os.path.join(root, name))
     defenses = sorted({d for row in table.values() for d in row},
                       key=lambda d: list(PAPER_TABLE2_FMNIST["none"]).index(d)
                       if d in PAPER_TABLE2_FMNIST["none"] else 99)
@@ -160,7 +175,8 @@ def write_table(root: str) -> dict:
             c = table[a].get(d)
             if c and a == "none" and d in LABELLING + FILTERING:
                 # no attacker: the q "malicious" ids are honest, every exclusion is a false positive
-                det_lines.append(f"| none | {d} | expelled {c['expelled']} of {c['clients']} (all honest) | | | |")
+                det_lines.append(f"| none | {d} | expelled {c['expelled']} of {c['clients']} (all honest) "
+                                 f"| filtered out: {pct(c['excluded'])} % of participations | | |")
                 continue
             if c and d in LABELLING:
                 det_lines.append(f"| {a} | {d} | DACC {pct(c['dacc'])} | FPR {pct(c['fpr'])} | FNR {pct(c['fnr'])} "
