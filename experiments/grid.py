@@ -150,10 +150,9 @@ def write_table(root: str) -> dict:
         table.setdefault(attack, {})[defense] = {
             "tacc": s.get("test_acc"), "asr": s.get("asr"), "wall_s": s.get("wall_s"),
             "rounds": s.get("rounds_done"), "expelled": len(s.get("expelled", [])),
-            "clients": s.get("config", {}).get("num_clients"),
+            "clients": s.get("config", {}).get("num_clients"), "text": cell_text(s),
+            "excluded": excluded_share(os.path.join(root, name)),
             **{k: det.get(k) for k in ("dacc", "fpr", "fnr", "aar", "adacc", "afpr", "afnr")}}
-        table[attack][defense]["text"] = cell_text(s)
-        table[attack][defense]["excluded"] = excluded_share(os.path.join(root, name))
     defenses = sorted({d for row in table.values() for d in row},
                       key=lambda d: list(PAPER_TABLE2_FMNIST["none"]).index(d)
                       if d in PAPER_TABLE2_FMNIST["none"] else 99)

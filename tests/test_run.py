@@ -94,17 +94,24 @@ def test_same_seed_same_result(tmp_path):
     assert len(accs[0][0]["participants"]) == 2
 
 
-def test_fedredefense_run_records_errors_and_detection(tmp_path):
-    """A tiny run under FedREDefense with sign-flip attackers: every participant gets an error
-    and an iteration count each round, and the summary holds the detection metrics."""
+def _tiny_redefense_run(tmp_path, attack):
+    """2 rounds of FedREDefense (caps 20) with 4 clients, 2 of them running ``attack``, on a
+    tiny IDX dataset: ``(summary, rounds.jsonl rows)``."""
     d = tmp_path / "fm"
     write_idx_dir(d, n_train=160, n_test=40)
     out = tmp_path / "out"
     cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=2, rounds=2, eval_every=1,
-                                  attack="sign_flip", defense="fedredefense", output_dir=str(out),
+                                  attack=attack, defense="fedredefense", output_dir=str(out),
                                   defense_config={"first_cap": 20, "later_cap": 20})
     s = runner.run(cfg, progress=False)
-    rows = [json.loads(ln) for ln in open(out / "rounds.jsonl")]
+    return s, [json.loads(ln) for ln in open(out / "rounds.jsonl")]
+
+
+def test_fedredefense_run_records_errors_and_detection(tmp_path):
+    """A tiny run under FedREDefense with sign-flip attackers: every participant gets an error
+    and an iteration count each round, and the summary holds the detection metrics."""
+    s, rows = _tiny_redefense_run(tmp_path, "sign_flip")
+    out = tmp_path / "out"
     assert len(rows[0]["error"]) == len(rows[0]["participants"]) == 4
     assert all(1 <= it <= 20 for it in rows[0]["iterations"])
     flagged0 = set(rows[0]["flagged"])
@@ -142,14 +149,7 @@ def test_adaptive_attack_needs_fedredefense(tmp_path):
 def test_adaptive_label_flip_run_records_scale_factors(tmp_path):
     """Algorithm 3 inside a run: each malicious participant gets a factor on the search's
     grid (1 + k/8, at most 4.875) and no factor that the defense would flag is sent."""
-    d = tmp_path / "fm"
-    write_idx_dir(d, n_train=160, n_test=40)
-    out = tmp_path / "out"
-    cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=2, rounds=2, eval_every=1,
-                                  attack="adaptive_label_flip", defense="fedredefense", output_dir=str(out),
-                                  defense_config={"first_cap": 20, "later_cap": 20})
-    runner.run(cfg, progress=False)
-    rows = [json.loads(ln) for ln in open(out / "rounds.jsonl")]
+    _, rows = _tiny_redefense_run(tmp_path, "adaptive_label_flip")
     for r in rows:
         scale = dict(zip(r["participants"], r["attack_scale"]))
         for c in r["participants"]:
