@@ -670,6 +670,12 @@ def make_redefense(ctx: DefenseContext) -> Defense:
                             cfg.images_per_class, cfg.alpha_init, cfg.init_noise)
         return RedefenseState(kn, jnp.zeros((num_clients,), jnp.int32))
 
+    def decide(errors, bad, valid) -> np.ndarray:
+        """``[S]`` flagged: valid slots with an invalid update, or an error > gamma or NaN/Inf."""
+        with np.errstate(invalid="ignore"):
+            unreconstructible = ~(errors <= cfg.gamma)
+        return valid & (bad | unreconstructible)
+
     def reconstruct_round(state: RedefenseState, inp: DefenseInput):
         """Algorithm 2 for the valid slots: ``(result, bad[S], run[S], ids[S])``."""
         valid = np.asarray(inp.valid, bool)
@@ -694,9 +700,7 @@ def make_redefense(ctx: DefenseContext) -> Defense:
         for invalid slots), ``'flagged': [S]`` bool ``}``."""
         res, bad, _, _ = reconstruct_round(state, inp)
         errors = np.where(bad, np.inf, res.errors).astype(np.float32)
-        with np.errstate(invalid="ignore"):
-            flagged = np.asarray(inp.valid, bool) & ~(errors <= cfg.gamma)
-        return {"error": errors, "flagged": flagged}
+        return {"error": errors, "flagged": decide(res.errors, bad, np.asarray(inp.valid, bool))}
 
     def apply(state: RedefenseState, inp: DefenseInput):
         num_clients = state.last_opt_round.shape[0]
@@ -707,9 +711,7 @@ def make_redefense(ctx: DefenseContext) -> Defense:
         detection_s = time.perf_counter() - t0
 
         errors = res.errors
-        with np.errstate(invalid="ignore"):
-            unreconstructible = ~(errors <= cfg.gamma)  # > gamma or NaN/Inf
-        flagged = valid & (bad | unreconstructible)
+        flagged = decide(errors, bad, valid)
         weights = (valid & ~flagged).astype(np.float32)
         aggregate = aggregator(updates, jnp.asarray(weights), inp)
 
