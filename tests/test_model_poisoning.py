@@ -259,6 +259,26 @@ def test_no_malicious_participant_and_single_attacker(name, aggregation):
     np.testing.assert_array_equal(np.delete(out, 4, 0), np.delete(u, 4, 0))
 
 
+@pytest.mark.parametrize("name,aggregation,key", [("lie", "fedavg", "z"), ("min_max", "fedavg", "gamma"),
+                                                  ("min_sum", "fedavg", "gamma"), ("fang", "krum", "lambda")])
+def test_round_record_holds_the_coefficient_at_malicious_slots(name, aggregation, key):
+    u, malicious, valid = _planted(5)
+    inp = _input(u, malicious, valid)
+    if name == "lie":
+        _, want = mp.lie_craft(inp.updates, inp.malicious, inp.valid)
+    elif name == "fang":
+        _, want, _, _ = mp.fang_krum_craft(inp.updates, inp.malicious, inp.valid, num_clients=10, num_malicious=4)
+    else:
+        _, want = mp.min_max_sum_craft(inp.updates, inp.malicious, inp.valid, rule=name)
+    a = attacks.make(name, _ctx(10, 4, aggregation))
+    _, state = a.apply(a.init(10, None), inp)
+    rec = np.asarray(a.record(state, inp.client_ids)[key])
+    mv = malicious & valid
+    assert float(want) > 0
+    np.testing.assert_allclose(rec[mv], float(want), rtol=1e-6)
+    assert np.all(np.isnan(rec[~mv]))
+
+
 def test_registered():
     for name in ("lie", "min_max", "min_sum", "fang"):
         assert name in attacks.names()

@@ -87,6 +87,10 @@ All statistics are computed in float32 and cast back to the updates' dtype.
     so every crafted value lies at or beyond the compromised extreme, against the
     direction ``s_j``; its sign is ``-s_j`` exactly when the interval lies on the other
     side of zero (``w_max,j > 0`` for ``s_j = -1``, ``w_min,j < 0`` for ``s_j = +1``).
+
+Each round's record holds the coefficient used, at the malicious participants (null at the
+benign ones): ``attack_z`` (LIE), ``attack_gamma`` (Min-Max / Min-Sum), ``attack_lambda``
+(Fang against Krum; the Trimmed-Mean attack has none).
 """
 
 from __future__ import annotations
@@ -321,15 +325,37 @@ def _finish(inp: AttackInput, crafted):
     return replace_malicious(inp, jnp.asarray(crafted, inp.updates.dtype))
 
 
+def _coef_init(num_clients, key):
+    """State of an attack that records its coefficient: ``[num_clients]``, NaN = never set."""
+    del key
+    return jnp.full((num_clients,), jnp.nan, jnp.float32)
+
+
+def _coef_store(state, inp: AttackInput, value):
+    """Writes the round's scalar coefficient at the malicious valid slots' client ids."""
+    ids = jnp.asarray(inp.client_ids)
+    hit = jnp.asarray(inp.malicious, bool) & jnp.asarray(inp.valid, bool)
+    return state.at[ids].set(jnp.where(hit, jnp.asarray(value, jnp.float32), state[ids]))
+
+
+def _coef_attack(name, apply, key_name):
+    """An :class:`Attack` whose round record holds ``attack_<key_name>``: the coefficient the
+    attack used this round for its malicious participants (null for benign ones)."""
+    def record(state, ids):
+        return {key_name: state[jnp.asarray(ids)]}
+
+    return Attack(name, _coef_init, apply, record=record)
+
+
 @register("lie")
 def make_lie(ctx: AttackContext) -> Attack:
     z_cap = float(ctx.config.get("lie_z_cap", LIE_Z_CAP))
 
     def apply(state, inp: AttackInput):
-        crafted, _ = lie_craft(inp.updates, inp.malicious, inp.valid, z_cap=z_cap)
-        return _finish(inp, crafted), state
+        crafted, z = lie_craft(inp.updates, inp.malicious, inp.valid, z_cap=z_cap)
+        return _finish(inp, crafted), _coef_store(state, inp, z)
 
-    return Attack("lie", no_state, apply)
+    return _coef_attack("lie", apply, "z")
 
 
 def _make_min_max_sum(rule: str):
@@ -338,11 +364,11 @@ def _make_min_max_sum(rule: str):
         tau = float(ctx.config.get("tau", TAU))
 
         def apply(state, inp: AttackInput):
-            crafted, _ = min_max_sum_craft(inp.updates, inp.malicious, inp.valid, rule=rule,
-                                           gamma_init=gamma_init, tau=tau)
-            return _finish(inp, crafted), state
+            crafted, gamma = min_max_sum_craft(inp.updates, inp.malicious, inp.valid, rule=rule,
+                                               gamma_init=gamma_init, tau=tau)
+            return _finish(inp, crafted), _coef_store(state, inp, gamma)
 
-        return Attack(rule, no_state, apply)
+        return _coef_attack(rule, apply, "gamma")
 
     return make
 
@@ -359,12 +385,14 @@ def make_fang(ctx: AttackContext) -> Attack:
 
     if ctx.aggregation == "krum":
         def apply(state, inp: AttackInput):
-            crafted, _, _, _ = fang_krum_craft(inp.updates, inp.malicious, inp.valid,
-                                               num_clients=num_clients, num_malicious=num_malicious, tau=tau)
-            return _finish(inp, crafted), state
-    else:
-        def apply(state, inp: AttackInput):
-            crafted = fang_trmean_craft(inp.updates, inp.malicious, inp.valid, inp.key, b=b)
-            return _finish(inp, crafted), state
+            crafted, lam, _, _ = fang_krum_craft(inp.updates, inp.malicious, inp.valid,
+                                                 num_clients=num_clients, num_malicious=num_malicious, tau=tau)
+            return _finish(inp, crafted), _coef_store(state, inp, lam)
+
+        return _coef_attack("fang", apply, "lambda")
+
+    def apply(state, inp: AttackInput):
+        crafted = fang_trmean_craft(inp.updates, inp.malicious, inp.valid, inp.key, b=b)
+        return _finish(inp, crafted), state
 
     return Attack("fang", no_state, apply)
