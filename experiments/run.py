@@ -35,6 +35,9 @@ flags.DEFINE_string("attack", "none", "Attack name (see fedredefense_jax.attacks
 flags.DEFINE_string("defense", "fedavg", "Defense name (see fedredefense_jax.defenses.names()).")
 flags.DEFINE_string("layout", None, "Client batching: vmap, map or chunked; unset = fastest for the backend.")
 flags.DEFINE_float("attack_scale", 3.0, "Scaling factor of MPAF (and the scaling attacks).")
+flags.DEFINE_enum("backdoor_training", "alternating", ["alternating", "mixed"],
+                  "Scaling / DBA local training: alternating = a poisoned epoch then a clean one (authors' "
+                  "code); mixed = each epoch over the data plus a poisoned copy, shuffled together.")
 flags.DEFINE_float("adaptive_delta_init", 2.0, "Adaptive attacks (Algorithm 3): initial step delta_init of the scale search.")
 flags.DEFINE_float("adaptive_step_min", 0.125, "Adaptive attacks (Algorithm 3): the search stops once the step is below gamma_att.")
 flags.DEFINE_integer("train_subset", None, "Use this many training images (a seeded uniform subset) before the split; "
@@ -74,7 +77,8 @@ def config_from_flags():
         eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every, overwrite=FLAGS.overwrite,
         attack=FLAGS.attack, defense=FLAGS.defense, layout=FLAGS.layout,
         train_subset=FLAGS.train_subset,
-        attack_config={"scale": FLAGS.attack_scale, "delta_init": FLAGS.adaptive_delta_init,
+        attack_config={"scale": FLAGS.attack_scale, "backdoor_training": FLAGS.backdoor_training,
+                       "delta_init": FLAGS.adaptive_delta_init,
                        "step_min": FLAGS.adaptive_step_min},
         defense_config={key: FLAGS[name].value for name, key in _REDEFENSE_FLAGS.items()
                         if FLAGS[name].value is not None})

@@ -139,6 +139,8 @@ def validate(cfg: ExperimentConfig) -> None:
     agg = cfg.defense_config.get("aggregator")
     if agg is not None and not callable(agg) and agg not in AGGREGATORS:
         raise ConfigError("redefense_aggregator", f"must be one of {', '.join(AGGREGATORS)}, got {agg!r}")
+    if cfg.attack_config.get("backdoor_training", "alternating") not in ("alternating", "mixed"):
+        raise ConfigError("backdoor_training", f"must be alternating or mixed, got {cfg.attack_config['backdoor_training']!r}")
     if not math.isfinite(cfg.attack_config.get("scale", 1.0)):
         raise ConfigError("attack_scale", "must be finite")
     if not (cfg.attack_config.get("delta_init", 2.0) > 0 and math.isfinite(cfg.attack_config.get("delta_init", 2.0))):

@@ -105,7 +105,7 @@ class Federation:
 def client_poison(poison: attacks_lib.DataPoison, malicious: np.ndarray, num_classes: int,
                   input_shape) -> training.Poison:
     """Per-client arrays of ``poison`` (``[p, K]``, ``[p, H, W, C]``, ``[p]``): the attack's label
-    map, trigger and alternation for the ``malicious`` clients, the identity for the others."""
+    map, trigger and backdoor schedule for the ``malicious`` clients, the identity for the others."""
     out = training.clean_poison(num_classes, input_shape, len(malicious))
     label_map = np.asarray(poison.label_map(num_classes))
     if label_map.shape != (num_classes,) or not np.all((label_map >= 0) & (label_map < num_classes)):
@@ -113,7 +113,7 @@ def client_poison(poison: attacks_lib.DataPoison, malicious: np.ndarray, num_cla
     for i in np.flatnonzero(malicious):
         out.label_map[i] = label_map
         out.trigger[i] = attacks_lib.trigger_mask(input_shape, poison.trigger_pixels(int(i)))
-        out.alternate[i] = poison.alternate
+        out.backdoor[i] = poison.schedule != "constant"
     return out
 
 
@@ -124,7 +124,7 @@ def build_federation(config: FLConfig, clients: ClientData, apply_fn: Callable, 
     poison, poisoning = None, None
     malicious = malicious_clients(config.num_clients, config.num_malicious)
     if attack.poison is not None and malicious.any():
-        poisoning = "alternating" if attack.poison.alternate else "constant"
+        poisoning = attack.poison.schedule
         poison = training.Poison(*map(jnp.asarray, client_poison(attack.poison, malicious, num_classes,
                                                                  clients.x.shape[2:])))
     train = training.make_trainer(apply_fn, unravel, mean, std, batch_size=config.batch_size,

@@ -19,16 +19,20 @@ the program) or ``"chunked"`` (``lax.map`` over chunks of ``chunk`` clients, vma
 
 Data poisoning (label flips, backdoors) stays inside the same program: a trainer built with
 ``poisoning`` takes one :class:`Poison` per client (a label map, a trigger mask, whether the
-client alternates poisoned and clean epochs). In a poisoned epoch the client trains on
+client follows a backdoor schedule). In a poisoned epoch the client trains on
 ``(stamp(x), label_map[y])``, where ``stamp`` sets the *normalised* value of the trigger
 pixels to ``TRIGGER_VALUE``; benign clients get the identity map and an empty mask, so
 benign and malicious slots run the same compiled program on different arrays and a benign
 client's update is the one the plain trainer computes. ``poisoning="alternating"`` runs
-``2E`` epoch passes: a client with ``alternate`` trains ``E`` times a poisoned epoch
+``2E`` epoch passes: a client with ``backdoor`` trains ``E`` times a poisoned epoch
 followed by a clean one (the Scaling / DBA backdoor of the authors' code); every other
 client trains its ``E`` epochs in the first ``E`` passes (with the plain trainer's epoch
 keys) and skips the rest (``lax.cond``: skipped under ``lax.map``, both branches computed
-and one selected under ``vmap``).
+and one selected under ``vmap``). ``poisoning="mixed"``: a client with ``backdoor`` trains
+each of its ``E`` epochs on the union of its data and a poisoned copy of it (``2n``
+samples, shuffled together, so a batch mixes clean and poisoned samples; ``ceil(2n / B)``
+steps), the paper's Appendix A.2 reading ("train using both the original and poisoned
+datasets"); the other clients train their plain epochs.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ def shuffled_order(key: jax.Array, count: jax.Array, n_max: int) -> jax.Array:
 
 
 TRIGGER_VALUE = 1.0
-POISONING_MODES = (None, "constant", "alternating")
+POISONING_MODES = (None, "constant", "alternating", "mixed")
 
 
 class Poison(NamedTuple):
@@ -82,17 +86,18 @@ class Poison(NamedTuple):
       label_map: ``[K]`` int32; in a poisoned epoch label ``y`` is trained as ``label_map[y]``.
       trigger: ``[H, W, C]`` bool; in a poisoned epoch these pixels of the *normalised*
         image are set to ``TRIGGER_VALUE``.
-      alternate: ``[]`` bool; with ``poisoning="alternating"``, ``E`` times a poisoned epoch
-        followed by a clean one instead of ``E`` poisoned epochs.
+      backdoor: ``[]`` bool; the client follows the trainer's backdoor schedule: with
+        ``poisoning="alternating"``, ``E`` times a poisoned epoch followed by a clean one; with
+        ``"mixed"``, ``E`` epochs over its data plus a poisoned copy (module docstring).
     """
 
     label_map: jax.Array
     trigger: jax.Array
-    alternate: jax.Array
+    backdoor: jax.Array
 
 
 def clean_poison(num_classes: int, input_shape, num_clients: int | None = None) -> Poison:
-    """The identity poisoning (numpy): identity label map, empty trigger, no alternation;
+    """The identity poisoning (numpy): identity label map, empty trigger, no backdoor schedule;
     with ``num_clients``, stacked along a leading client axis."""
     p = Poison(np.arange(num_classes, dtype=np.int32), np.zeros(tuple(input_shape), bool), np.asarray(False))
     if num_clients is None:
@@ -109,15 +114,18 @@ def stamp_trigger(x_normalized: jax.Array, trigger: jax.Array) -> jax.Array:
 def make_client_update(apply_fn: Callable, unravel: Callable, mean, std, *, batch_size: int,
                        lr: float, epochs: int, poisoning: str | None = None) -> Callable:
     """Returns ``client_update(w0[P], x[n,H,W,C] uint8, y[n], count, key) -> g[P]``; with
-    ``poisoning`` (``"constant"`` or ``"alternating"``, see the module docstring) the
+    ``poisoning`` (``"constant"``, ``"alternating"`` or ``"mixed"``, see the module docstring) the
     signature is ``client_update(w0, x, y, count, key, poison: Poison)``."""
     if poisoning not in POISONING_MODES:
         raise ValueError(f"unknown poisoning {poisoning!r}; choose one of {POISONING_MODES}")
     opt = optax.sgd(lr)
 
-    def loss_fn(params, xb, yb, mb, trigger):
+    def loss_fn(params, xb, yb, mb, trigger, rows=None):
+        """``rows[B]`` (bool): stamp ``trigger`` on these samples only (None: on all)."""
         xn = normalize(xb, mean, std)
         if trigger is not None:
+            if rows is not None:
+                trigger = trigger[None] & rows[:, None, None, None]
             xn = stamp_trigger(xn, trigger)
         return masked_cross_entropy(apply_fn(params, xn), yb, mb)
 
@@ -147,14 +155,41 @@ def make_client_update(apply_fn: Callable, unravel: Callable, mean, std, *, batc
             carry, _ = jax.lax.scan(step, carry, jnp.arange(steps))
             return carry
 
+        def run_mixed_epoch(carry, ekey, label_map, trigger):
+            # entry v of the 2n virtual samples: v < count the clean sample v, else the
+            # poisoned copy of sample v - count; padding entries (v >= 2 count) are masked
+            steps2 = -(-2 * n_max // batch_size)
+            order = jnp.pad(shuffled_order(ekey, 2 * count, 2 * n_max), (0, steps2 * batch_size - 2 * n_max))
+
+            def step(carry, s):
+                params, opt_state = carry
+                pos = s * batch_size + jnp.arange(batch_size)
+                v = jax.lax.dynamic_slice(order, (s * batch_size,), (batch_size,))
+                pois = v >= count
+                idx = jnp.minimum(jnp.where(pois, v - count, v), n_max - 1)
+                yb = jnp.where(pois, label_map[y[idx]], y[idx])
+                grads = grad_fn(params, x[idx], yb, pos < 2 * count, trigger, pois)
+                upd, opt_state = opt.update(grads, opt_state, params)
+                return (optax.apply_updates(params, upd), opt_state), None
+
+            carry, _ = jax.lax.scan(step, carry, jnp.arange(steps2))
+            return carry
+
         ekeys = jax.random.split(key, epochs)
         if poisoning is None:
             carry, _ = jax.lax.scan(lambda c, k: (run_epoch(c, k, None, None), None), (params, opt_state), ekeys)
         elif poisoning == "constant":
             carry, _ = jax.lax.scan(lambda c, k: (run_epoch(c, k, poison.label_map, poison.trigger), None),
                                     (params, opt_state), ekeys)
+        elif poisoning == "mixed":
+            def one_epoch(carry, ekey):
+                return jax.lax.cond(poison.backdoor,
+                                    lambda c: run_mixed_epoch(c, ekey, poison.label_map, poison.trigger),
+                                    lambda c: run_epoch(c, ekey, None, None), carry), None
+
+            carry, _ = jax.lax.scan(one_epoch, (params, opt_state), ekeys)
         else:
-            alt = poison.alternate
+            alt = poison.backdoor
             j = jnp.arange(2 * epochs)
             active = alt | (j < epochs)
             poisoned = ~alt | (j % 2 == 0)
@@ -196,7 +231,7 @@ def make_trainer(apply_fn: Callable, unravel: Callable, mean, std, *, batch_size
     Gathers the ``S`` participating clients' data by id inside the program, trains them all
     from the same global model ``w0`` (or, with ``w0[S, P]``, each slot from its own row)
     and returns their update matrix. With ``poisoning``
-    (``"constant"`` / ``"alternating"``) the call takes ``poison=``, a :class:`Poison` of
+    (``"constant"`` / ``"alternating"`` / ``"mixed"``) the call takes ``poison=``, a :class:`Poison` of
     per-client arrays (``[p, K]``, ``[p, H, W, C]``, ``[p]``) gathered by id like the data.
     """
     layout = layout or default_layout()

@@ -85,7 +85,7 @@ def test_benign_updates_unchanged_by_malicious_slots(backdoor_run):
     pz, poisoned, clean = backdoor_run
     np.testing.assert_allclose(poisoned[[1, 3]], clean[[1, 3]], atol=1e-6, rtol=0)
     assert np.abs(poisoned[[0, 2]] - clean[[0, 2]]).max() > 1e-3
-    assert bool(pz.alternate[2]) and bool(pz.alternate[3]) and not pz.alternate[:2].any()
+    assert bool(pz.backdoor[2]) and bool(pz.backdoor[3]) and not pz.backdoor[:2].any()
 
 
 def test_backdoor_slot_trains_a_poisoned_then_a_clean_epoch(setup, backdoor_run):
@@ -113,6 +113,47 @@ def test_backdoor_slot_trains_a_poisoned_then_a_clean_epoch(setup, backdoor_run)
             yb = np.zeros(b, np.int32) if j == 0 else y[cid, idx]
             w = w - KW["lr"] * grad(w, x[cid, idx], yb, s * b + np.arange(b) < n[cid], j == 0)
     np.testing.assert_allclose(poisoned[slot], np.asarray(w - w0), atol=1e-6, rtol=0)
+
+
+def test_mixed_backdoor_equals_plain_training_on_data_plus_poisoned_copy(setup):
+    """``poisoning="mixed"``: a backdoor slot's update is the plain trainer's on its data
+    followed by a stamped copy labelled 0 (2n samples, padded to 2 n_max, same key); benign
+    slots are the plain trainer's. With mean 0 and std 1 the normalised value 1.0 is the
+    uint8 value 255, so the reference copy is stamped in uint8."""
+    w0, unravel, apply_fn, x, y, n, ids, keys = setup
+    mean, std = (0.0,), (1.0,)
+    ctx = attacks.AttackContext(4, 2, jnp.zeros(3), "fedavg", {"scale": 3.0, "backdoor_training": "mixed"})
+    pz = simulation.client_poison(attacks.make("scaling", ctx).poison, MALICIOUS, 10, SHAPE)
+    assert pz.backdoor.tolist() == [False, False, True, True]
+    mixed = np.asarray(training.make_trainer(apply_fn, unravel, mean, std, layout="map", poisoning="mixed", **KW)(
+        w0, x, y, n, ids, keys, poison=pz))
+    plain = training.make_trainer(apply_fn, unravel, mean, std, layout="map", **KW)
+    clean = np.asarray(plain(w0, x, y, n, ids, keys))
+    np.testing.assert_allclose(mixed[[1, 3]], clean[[1, 3]], atol=1e-6, rtol=0)
+    n_max = x.shape[1]
+    rows, cols = np.array(TRIGGER_PIXELS).T
+    for slot in (0, 2):
+        cid = int(ids[slot])
+        c = int(n[cid])
+        stamped = x[cid, :c].copy()
+        stamped[:, rows, cols, 0] = 255
+        x2 = np.zeros((1, 2 * n_max, *SHAPE), np.uint8)
+        y2 = np.zeros((1, 2 * n_max), np.int32)
+        x2[0, :2 * c] = np.concatenate([x[cid, :c], stamped])
+        y2[0, :c] = y[cid, :c]                              # the copy's labels stay 0
+        want = np.asarray(plain(w0, x2, y2, np.array([2 * c]), np.array([0]), keys[slot:slot + 1]))[0]
+        np.testing.assert_allclose(mixed[slot], want, atol=1e-6, rtol=0)
+        assert np.abs(mixed[slot] - clean[slot]).max() > 1e-3
+
+
+def test_backdoor_schedule_errors():
+    with pytest.raises(ValueError, match="backdoor_training must be one of alternating, mixed"):
+        attacks.make("dba", attacks.AttackContext(4, 2, jnp.zeros(3), "fedavg", {"backdoor_training": "both"}))
+    with pytest.raises(ValueError, match="DataPoison.schedule must be one of"):
+        attacks.DataPoison(schedule="sometimes")
+    cfg = runner.ExperimentConfig(attack="scaling", attack_config={"backdoor_training": "both"})
+    with pytest.raises(runner.ConfigError, match="backdoor_training"):
+        runner.validate(cfg)
 
 
 def test_trigger_stamps_exactly_its_normalised_pixels():

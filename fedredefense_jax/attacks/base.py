@@ -71,6 +71,9 @@ def _no_trigger(client_id: int) -> tuple:
     return ()
 
 
+POISON_SCHEDULES = ("constant", "alternating", "mixed")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataPoison:
     """How a compromised client poisons its local data before training honestly on them.
@@ -79,13 +82,20 @@ class DataPoison:
       label_map: ``num_classes -> [K] int`` poisoned label of each class.
       trigger_pixels: ``client_id -> ((row, col), ...)``: pixels of channel 0 whose
         normalised value is set to ``training.TRIGGER_VALUE`` (1.0) in poisoned epochs.
-      alternate: each local epoch becomes a poisoned epoch followed by a clean one (the
-        authors' backdoor training); otherwise every epoch is poisoned.
+      schedule: ``"constant"``: every local epoch is poisoned; ``"alternating"``: each local
+        epoch becomes a poisoned epoch followed by a clean one (the authors' backdoor
+        training); ``"mixed"``: each epoch runs over the data plus a poisoned copy, shuffled
+        together (``training.make_client_update``).
     """
 
     label_map: Callable[[int], np.ndarray] = _identity_labels
     trigger_pixels: Callable[[int], tuple] = _no_trigger
-    alternate: bool = False
+    schedule: str = "constant"
+
+    def __post_init__(self):
+        if self.schedule not in POISON_SCHEDULES:
+            raise ValueError(f"DataPoison.schedule must be one of {', '.join(POISON_SCHEDULES)}, "
+                             f"got {self.schedule!r}")
 
 
 @dataclasses.dataclass(frozen=True)

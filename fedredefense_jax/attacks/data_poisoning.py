@@ -16,8 +16,11 @@ poisoned training. Labels are ``y in 0..K-1`` (``K = 10`` for every dataset here
   poisoned epoch *every* sample is poisoned: the trigger is stamped (pixels (26, 26),
   (24, 26), (26, 24), (25, 25) of channel 0 set to 1.0 *after* normalisation) and the label
   set to 0. This is the authors' ``train_op_backdoor`` (all samples of the poisoned epoch,
-  not a fraction; the paper's "train using both the original and poisoned datasets"). The
-  update is then multiplied by ``s = config['scale']`` (``--attack_scale``, default 3).
+  not a fraction). With ``config['backdoor_training'] = 'mixed'`` (``--backdoor_training``)
+  each epoch instead runs over the client's data plus a stamped, relabelled copy, shuffled
+  together: Appendix A.2's "train using both the original and poisoned datasets" read
+  literally. The update is then multiplied by ``s = config['scale']`` (``--attack_scale``,
+  default 3).
 * ``dba`` (Xie et al., ICLR 2020): as ``scaling``, but client ``i`` stamps only the trigger's
   pixel ``i mod 4`` (in the order above; the authors' ``train_op_dba``). Scaled by ``s``.
 
@@ -79,14 +82,20 @@ def make_targeted_label_flip(ctx: AttackContext) -> Attack:
                   asr=AsrSpec(target=FLIP_TARGET, source=FLIP_SOURCE))
 
 
+BACKDOOR_TRAINING = ("alternating", "mixed")
+
+
 def _backdoor(name: str, ctx: AttackContext, trigger_pixels) -> Attack:
     scale = float(ctx.config.get("scale", 3.0))
+    schedule = ctx.config.get("backdoor_training", "alternating")
+    if schedule not in BACKDOOR_TRAINING:
+        raise ValueError(f"backdoor_training must be one of {', '.join(BACKDOOR_TRAINING)}, got {schedule!r}")
 
     def apply(state, inp: AttackInput):
         return replace_malicious(inp, scale * inp.updates), state
 
     return Attack(name, no_state, apply,
-                  poison=DataPoison(label_map=_all_to_target, trigger_pixels=trigger_pixels, alternate=True),
+                  poison=DataPoison(label_map=_all_to_target, trigger_pixels=trigger_pixels, schedule=schedule),
                   asr=AsrSpec(target=BACKDOOR_TARGET, trigger_pixels=TRIGGER_PIXELS))
 
 
