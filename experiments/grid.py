@@ -41,6 +41,8 @@ flags.DEFINE_integer("train_subset", None, "Training images used (see experiment
 flags.DEFINE_integer("eval_every", 10, "Evaluate every this many rounds (and at the end).")
 flags.DEFINE_integer("seed", 0, "Seed of every cell.")
 flags.DEFINE_list("defense_config", [], "key=value settings given to every defense (e.g. cold_start=5).")
+flags.DEFINE_list("attack_config", [], "key=value settings given to every attack (e.g. backdoor_training=mixed, "
+                  "scale=3).")
 flags.DEFINE_bool("table_only", False, "Only rewrite the table from the finished cells.")
 
 # The paper's Table 2, Fashion-MNIST (TACC %, or TACC/ASR %).
@@ -86,6 +88,17 @@ def _value(v: str):
         except ValueError:
             pass
     return v
+
+
+def parse_kv(items: list[str], flag: str) -> dict:
+    """``['k=v', ...]`` -> ``{k: int, float or str}``."""
+    out = {}
+    for kv in items:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise app.UsageError(f"--{flag}: {kv!r} is not key=value")
+        out[k] = _value(v)
+    return out
 
 
 def cells() -> list[tuple[str, str]]:
@@ -205,19 +218,16 @@ def main(argv):
         print(open(os.path.join(FLAGS.root, "table.md")).read() if write_table(FLAGS.root) else "no finished cell")
         return 0
     todo = cells()
-    extra = {}
-    for kv in FLAGS.defense_config:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise app.UsageError(f"--defense_config: {kv!r} is not key=value")
-        extra[k] = _value(v)
+    extra = parse_kv(FLAGS.defense_config, "defense_config")
+    attack_extra = parse_kv(FLAGS.attack_config, "attack_config")
     configs = []
     for defense, attack in todo:
         cfg = ExperimentConfig(
             dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=FLAGS.model, num_clients=FLAGS.num_clients,
             num_malicious=FLAGS.num_malicious, beta=FLAGS.beta, rounds=FLAGS.rounds,
             seed=FLAGS.seed, eval_every=FLAGS.eval_every, attack=attack, defense=defense,
-            train_subset=FLAGS.train_subset, output_dir=cell_dir(defense, attack), defense_config=dict(extra))
+            train_subset=FLAGS.train_subset, output_dir=cell_dir(defense, attack), defense_config=dict(extra),
+            attack_config=dict(attack_extra))
         try:
             validate(cfg)
         except ConfigError as e:
