@@ -3,7 +3,8 @@
 Outputs in ``output_dir``:
 
 * ``rounds.jsonl``: one JSON object per round (round, test accuracy and, for an attack
-  that defines one, its attack success rate ``asr`` when evaluated,
+  that defines one, its attack success rate ``asr`` when evaluated (for a trigger backdoor
+  also ``asr_base``, the same count on the unstamped images),
   seconds in local training / attack / detection / aggregation, participants, flagged
   clients and any per-client values the defense reports), appended and flushed each round;
 * ``summary.json``: config, final metrics, wall time, jax version and device, rewritten
@@ -202,6 +203,7 @@ class Setup:
     predict: Callable
     split: dict
     asr: Callable | None = None  # w -> the attack's success rate on the test set (targeted attacks)
+    asr_base: Callable | None = None  # w -> the same count without the trigger (backdoors)
 
 
 def build(cfg: ExperimentConfig) -> Setup:
@@ -238,19 +240,24 @@ def build(cfg: ExperimentConfig) -> Setup:
                                           num_classes=spec.num_classes)
         predict = training.make_predictor(apply_fn, unravel, spec.mean, spec.std)
         asr = None if attack.asr is None else make_asr(attack.asr, ds, predict, apply_fn, unravel)
+        asr_base = (make_asr(attack.asr, ds, predict, apply_fn, unravel, stamp=False)
+                    if attack.asr is not None and attack.asr.trigger_pixels else None)
     except ValueError as e:  # e.g. a trigger outside the images
         raise ConfigError("attack", f"{cfg.attack}: {e}") from None
-    return Setup(ds, parts, fed, predict, partition.split_stats(ds.train_y, parts, spec.num_classes), asr)
+    return Setup(ds, parts, fed, predict, partition.split_stats(ds.train_y, parts, spec.num_classes), asr,
+                 asr_base)
 
 
 def make_asr(spec: attacks_lib.AsrSpec, ds: data_lib.Dataset, predict: Callable, apply_fn: Callable,
-             unravel: Callable) -> Callable:
+             unravel: Callable, stamp: bool = True) -> Callable:
     """``asr(w) -> float``: ``metrics.attack_success_rate`` of the flat model ``w`` on the test
     images it counts (class ``source``, or every class but ``target``), stamped with the
-    trigger in normalised space by a jitted predictor when the attack has one."""
+    trigger in normalised space by a jitted predictor when the attack has one. ``stamp=False``:
+    the same count on the unstamped images (the backdoor's base rate: an ASR no higher than it
+    owes nothing to the trigger)."""
     keep = ds.test_y == spec.source if spec.source is not None else ds.test_y != spec.target
     x, y = ds.test_x[keep], ds.test_y[keep]
-    if spec.trigger_pixels:
+    if spec.trigger_pixels and stamp:
         trigger = attacks_lib.trigger_mask(ds.spec.input_shape, spec.trigger_pixels)
         predict = training.make_predictor(apply_fn, unravel, ds.spec.mean, ds.spec.std, trigger=trigger)
     return lambda w: metrics.attack_success_rate(predict(w, x), y, spec.target, spec.source)
@@ -394,6 +401,8 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
                 accs[t] = rec["test_acc"]
                 if setup.asr is not None:
                     rec["asr"] = asrs[t] = setup.asr(model)
+                if setup.asr_base is not None:
+                    rec["asr_base"] = summary["asr_base"] = setup.asr_base(model)
             rec["round_s"] = time.time() - r0
             round_times.append(rec["round_s"])
             records.append({k: rec[k] for k in keys if k in rec})

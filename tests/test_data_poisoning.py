@@ -198,6 +198,11 @@ def test_asr_matches_a_hand_count(setup):
             total = sum(int(t == 0) for t in test_y)
         asr = runner.make_asr(spec_, ds, plain, apply_fn, unravel)(w)
         assert 0 < total and asr == pytest.approx(hits / total, abs=1e-12)
+    # the base rate: the backdoor's count on the unstamped images
+    pred = np.asarray(jnp.argmax(logits(w, xn), -1))
+    base = sum(int(p == 0) for p, t in zip(pred, test_y) if t != 0) / sum(int(t != 0) for t in test_y)
+    spec_ = attacks.make("scaling", _ctx()).asr
+    assert runner.make_asr(spec_, ds, plain, apply_fn, unravel, stamp=False)(w) == pytest.approx(base, abs=1e-12)
     assert metrics.attack_success_rate([0, 0, 1, 0, 3], [0, 1, 1, 2, 0], target=0) == pytest.approx(2 / 3)
     assert metrics.attack_success_rate([2, 2, 1], [0, 1, 0], target=2, source=0) == 0.5
     assert np.isnan(metrics.attack_success_rate([1], [0], target=0))
@@ -228,8 +233,9 @@ def test_scaling_run_records_asr(tmp_path):
                                   checkpoint_every=2)
     s = runner.run(cfg, progress=False)
     rows = [json.loads(ln) for ln in open(out / "rounds.jsonl")]
-    assert all(0.0 <= r["asr"] <= 1.0 and "test_acc" in r for r in rows)
+    assert all(0.0 <= r["asr"] <= 1.0 and 0.0 <= r["asr_base"] <= 1.0 and "test_acc" in r for r in rows)
     on_disk = json.load(open(out / "summary.json"))
+    assert on_disk["asr_base"] == rows[-1]["asr_base"]
     assert on_disk["asr"] == s["asr"] == rows[-1]["asr"]
     assert on_disk["asr_by_round"] == {"1": rows[0]["asr"], "2": rows[1]["asr"]}
     assert rows[0]["malicious"] == [2, 3]
