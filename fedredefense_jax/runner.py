@@ -38,6 +38,7 @@ from fedredefense_jax import attacks as attacks_lib
 from fedredefense_jax import data as data_lib
 from fedredefense_jax import defenses as defenses_lib
 from fedredefense_jax import metrics, models, partition, simulation, training
+from fedredefense_jax.attacks.data_poisoning import BACKDOOR_TRAINING
 from fedredefense_jax.defenses.fltrust import DEFAULT_ROOT_SIZE
 from fedredefense_jax.defenses.redefense import AGGREGATORS
 
@@ -140,8 +141,9 @@ def validate(cfg: ExperimentConfig) -> None:
     agg = cfg.defense_config.get("aggregator")
     if agg is not None and not callable(agg) and agg not in AGGREGATORS:
         raise ConfigError("redefense_aggregator", f"must be one of {', '.join(AGGREGATORS)}, got {agg!r}")
-    if cfg.attack_config.get("backdoor_training", "alternating") not in ("alternating", "mixed"):
-        raise ConfigError("backdoor_training", f"must be alternating or mixed, got {cfg.attack_config['backdoor_training']!r}")
+    if cfg.attack_config.get("backdoor_training", "alternating") not in BACKDOOR_TRAINING:
+        raise ConfigError("backdoor_training", f"must be {' or '.join(BACKDOOR_TRAINING)}, "
+                          f"got {cfg.attack_config['backdoor_training']!r}")
     if not math.isfinite(cfg.attack_config.get("scale", 1.0)):
         raise ConfigError("attack_scale", "must be finite")
     if not (cfg.attack_config.get("delta_init", 2.0) > 0 and math.isfinite(cfg.attack_config.get("delta_init", 2.0))):
