@@ -38,6 +38,9 @@ flags.DEFINE_float("attack_scale", 3.0, "Scaling factor of MPAF (and the scaling
 flags.DEFINE_enum("backdoor_training", "alternating", ["alternating", "mixed"],
                   "Scaling / DBA local training: alternating = a poisoned epoch then a clean one (authors' "
                   "code); mixed = each epoch over the data plus a poisoned copy, shuffled together.")
+flags.DEFINE_list("trigger_pixels", None,
+                  "Scaling / DBA trigger as row:col pixels of channel 0, e.g. 24:24,22:24,24:22,23:23; unset = the "
+                  "paper's 26:26,24:26,26:24,25:25 (three of which the paper's Fashion-MNIST CNN cannot see).")
 flags.DEFINE_float("adaptive_delta_init", 2.0, "Adaptive attacks (Algorithm 3): initial step delta_init of the scale search.")
 flags.DEFINE_float("adaptive_step_min", 0.125, "Adaptive attacks (Algorithm 3): the search stops once the step is below gamma_att.")
 flags.DEFINE_integer("train_subset", None, "Use this many training images (a seeded uniform subset) before the split; "
@@ -79,7 +82,8 @@ def config_from_flags():
         train_subset=FLAGS.train_subset,
         attack_config={"scale": FLAGS.attack_scale, "backdoor_training": FLAGS.backdoor_training,
                        "delta_init": FLAGS.adaptive_delta_init,
-                       "step_min": FLAGS.adaptive_step_min},
+                       "step_min": FLAGS.adaptive_step_min,
+                       **({"trigger_pixels": FLAGS.trigger_pixels} if FLAGS.trigger_pixels else {})},
         defense_config={key: FLAGS[name].value for name, key in _REDEFENSE_FLAGS.items()
                         if FLAGS[name].value is not None})
 

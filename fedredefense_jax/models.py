@@ -22,6 +22,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MODEL_NAMES = ("cnn", "convnet")
 
@@ -155,6 +156,22 @@ def build_model(name: str, dataset: str, num_classes: int = 10, conv_impl: str =
 def init_params(model: nn.Module, key: jax.Array, input_shape: tuple):
     """Parameter pytree of ``model`` for inputs ``[1, *input_shape]``."""
     return model.init(key, jnp.zeros((1, *input_shape), jnp.float32))["params"]
+
+
+def unseen_pixels(apply_fn: Callable, params, input_shape: tuple, samples: int = 8, seed: int = 0):
+    """``[H, W]`` bool numpy: pixels that no logit depends on (outside the receptive field).
+
+    A pixel is unseen when the gradient of a random projection of the logits,
+    ``d/dx sum_{b,k} r_bk f(params, x)_bk`` at ``samples`` Gaussian inputs ``x``, is exactly
+    zero in every channel. The paper's Fashion-MNIST CNN (valid 3x3 convs, floor pooling:
+    28 -> 26 -> 13 -> 11 -> 5) never reads rows or columns 26-27; the ConvNet reads every pixel.
+    """
+    kx, kr = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (samples, *input_shape), jnp.float32)
+    logits_shape = jax.eval_shape(apply_fn, params, x).shape
+    r = jax.random.normal(kr, logits_shape, jnp.float32)
+    g = jax.grad(lambda x: jnp.sum(apply_fn(params, x) * r))(x)
+    return np.asarray(jnp.all(g == 0, axis=(0, 3)))
 
 
 def make_apply_fn(model: nn.Module) -> Callable:

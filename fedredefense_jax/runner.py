@@ -38,7 +38,7 @@ from fedredefense_jax import attacks as attacks_lib
 from fedredefense_jax import data as data_lib
 from fedredefense_jax import defenses as defenses_lib
 from fedredefense_jax import metrics, models, partition, simulation, training
-from fedredefense_jax.attacks.data_poisoning import BACKDOOR_TRAINING
+from fedredefense_jax.attacks.data_poisoning import BACKDOOR_TRAINING, parse_trigger_pixels
 from fedredefense_jax.defenses.fltrust import DEFAULT_ROOT_SIZE
 from fedredefense_jax.defenses.redefense import AGGREGATORS
 
@@ -144,6 +144,16 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.attack_config.get("backdoor_training", "alternating") not in BACKDOOR_TRAINING:
         raise ConfigError("backdoor_training", f"must be {' or '.join(BACKDOOR_TRAINING)}, "
                           f"got {cfg.attack_config['backdoor_training']!r}")
+    if cfg.attack_config.get("trigger_pixels"):
+        try:
+            pixels = parse_trigger_pixels(cfg.attack_config["trigger_pixels"])
+        except ValueError as e:
+            raise ConfigError("trigger_pixels", str(e)) from None
+        h, w = data_lib.SPECS[cfg.dataset].input_shape[:2]
+        outside = [p for p in pixels if not (0 <= p[0] < h and 0 <= p[1] < w)]
+        if outside:
+            raise ConfigError("trigger_pixels", f"pixel {outside[0][0]}:{outside[0][1]} lies outside the "
+                              f"{h}x{w} images of {cfg.dataset}")
     if not math.isfinite(cfg.attack_config.get("scale", 1.0)):
         raise ConfigError("attack_scale", "must be finite")
     if not (cfg.attack_config.get("delta_init", 2.0) > 0 and math.isfinite(cfg.attack_config.get("delta_init", 2.0))):
@@ -206,6 +216,7 @@ class Setup:
     split: dict
     asr: Callable | None = None  # w -> the attack's success rate on the test set (targeted attacks)
     asr_base: Callable | None = None  # w -> the same count without the trigger (backdoors)
+    trigger_unseen: tuple = ()  # trigger pixels outside the model's receptive field
 
 
 def build(cfg: ExperimentConfig) -> Setup:
@@ -246,8 +257,16 @@ def build(cfg: ExperimentConfig) -> Setup:
                     if attack.asr is not None and attack.asr.trigger_pixels else None)
     except ValueError as e:  # e.g. a trigger outside the images
         raise ConfigError("attack", f"{cfg.attack}: {e}") from None
+    unseen = ()
+    if attack.asr is not None and attack.asr.trigger_pixels:
+        blind = models.unseen_pixels(apply_fn, params, spec.input_shape)
+        unseen = tuple(p for p in attack.asr.trigger_pixels if blind[p])
+        if unseen:
+            logging.warning("trigger pixels %s lie outside the receptive field of --model=%s: no output depends "
+                            "on them, so only the other trigger pixels can carry a backdoor (see --trigger_pixels)",
+                            ", ".join(f"{r}:{c}" for r, c in unseen), cfg.model)
     return Setup(ds, parts, fed, predict, partition.split_stats(ds.train_y, parts, spec.num_classes), asr,
-                 asr_base)
+                 asr_base, unseen)
 
 
 def make_asr(spec: attacks_lib.AsrSpec, ds: data_lib.Dataset, predict: Callable, apply_fn: Callable,
@@ -386,6 +405,8 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
         os.remove(rounds_path)  # rounds of a run stopped before its first checkpoint
     summary = {"config": dataclasses.asdict(cfg), "environment": environment(), "split": setup.split,
                "param_count": int(fed.init_params.size), "status": "running"}
+    if setup.asr_base is not None:
+        summary["trigger_unseen"] = [list(p) for p in setup.trigger_unseen]
     keys = ("participants", "weights", "error", "iterations")
     records = [{k: r[k] for k in keys if k in r} for r in rows]
     accs = {r["round"]: r["test_acc"] for r in rows if "test_acc" in r}

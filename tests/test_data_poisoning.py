@@ -12,7 +12,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from fedredefense_jax import attacks, data as data_lib, metrics, models, runner, simulation, training
-from fedredefense_jax.attacks.data_poisoning import TRIGGER_PIXELS
+from fedredefense_jax.attacks.data_poisoning import TRIGGER_PIXELS, parse_trigger_pixels
 from test_data import write_idx_dir
 from tiny import tiny_clients, tiny_cnn
 
@@ -174,6 +174,26 @@ def test_trigger_stamps_exactly_its_normalised_pixels():
         attacks.trigger_mask((10, 10, 1), TRIGGER_PIXELS)
 
 
+def test_trigger_pixels_option_moves_the_trigger():
+    pattern = ["20:21", "22:23", "5:6"]
+    ctx = attacks.AttackContext(4, 2, jnp.zeros(3), "fedavg", {"trigger_pixels": pattern})
+    want = ((20, 21), (22, 23), (5, 6))
+    full = simulation.client_poison(attacks.make("scaling", ctx).poison, MALICIOUS, 10, SHAPE)
+    dba = simulation.client_poison(attacks.make("dba", ctx).poison, MALICIOUS, 10, SHAPE)
+    assert attacks.make("scaling", ctx).asr.trigger_pixels == attacks.make("dba", ctx).asr.trigger_pixels == want
+    for cid in (2, 3):
+        assert sorted(zip(*np.nonzero(full.trigger[cid]))) == sorted((r, c, 0) for r, c in want)
+        assert list(zip(*np.nonzero(dba.trigger[cid]))) == [(*want[cid % 3], 0)]
+    assert parse_trigger_pixels("1:2, 3:4") == parse_trigger_pixels([(1, 2), (3, 4)]) == ((1, 2), (3, 4))
+    for bad in ("1:x", "7", "1:2:3", ""):
+        with pytest.raises(ValueError):
+            parse_trigger_pixels(bad)
+    for bad, message in ((["1;2"], "row:col"), (["28:0"], "28:0 lies outside the 28x28 images")):
+        cfg = runner.ExperimentConfig(attack="scaling", attack_config={"trigger_pixels": bad})
+        with pytest.raises(runner.ConfigError, match=f"trigger_pixels.*{message}"):
+            runner.validate(cfg)
+
+
 def test_asr_matches_a_hand_count(setup):
     w0, unravel, apply_fn = setup[:3]
     rng = np.random.default_rng(1)
@@ -236,6 +256,7 @@ def test_scaling_run_records_asr(tmp_path):
     assert all(0.0 <= r["asr"] <= 1.0 and 0.0 <= r["asr_base"] <= 1.0 and "test_acc" in r for r in rows)
     on_disk = json.load(open(out / "summary.json"))
     assert on_disk["asr_base"] == rows[-1]["asr_base"]
+    assert on_disk["trigger_unseen"] == [[26, 26], [24, 26], [26, 24]]  # the paper CNN reads rows/cols < 26
     assert on_disk["asr"] == s["asr"] == rows[-1]["asr"]
     assert on_disk["asr_by_round"] == {"1": rows[0]["asr"], "2": rows[1]["asr"]}
     assert rows[0]["malicious"] == [2, 3]

@@ -66,3 +66,16 @@ def test_pool_floor_on_odd_sizes():
     out = models.pool2x2(x, "max")
     assert out.shape == (2, 2, 2, 1)
     assert float(out[0, 0, 0, 0]) == float(x[0, 1, 1, 0])
+
+
+@pytest.mark.parametrize("name,dataset,shape,blind_from", [
+    ("cnn", "fashion_mnist", (28, 28, 1), 26),  # 28 -> 26 -> 13 -> 11 -> 5: rows/cols 26-27 dropped
+    ("cnn", "cifar10", (32, 32, 3), 30),  # 32 -> 30 -> 15 -> 13 -> 6: rows/cols 30-31 dropped
+    ("convnet", "fashion_mnist", (28, 28, 1), 28),  # padded convolutions read every pixel
+])
+def test_unseen_pixels_are_the_rows_and_columns_floor_pooling_drops(name, dataset, shape, blind_from):
+    m = models.build_model(name, dataset)
+    params = models.init_params(m, jax.random.key(0), shape)
+    blind = models.unseen_pixels(models.make_apply_fn(m), params, shape)
+    rows, cols = np.indices(shape[:2])
+    np.testing.assert_array_equal(blind, (rows >= blind_from) | (cols >= blind_from))

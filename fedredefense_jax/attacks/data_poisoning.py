@@ -24,6 +24,12 @@ poisoned training. Labels are ``y in 0..K-1`` (``K = 10`` for every dataset here
 * ``dba`` (Xie et al., ICLR 2020): as ``scaling``, but client ``i`` stamps only the trigger's
   pixel ``i mod 4`` (in the order above; the authors' ``train_op_dba``). Scaled by ``s``.
 
+``config['trigger_pixels']`` (``--trigger_pixels``) replaces the four pixels by any others
+(``"row:col"`` strings or ``(row, col)`` pairs; DBA then gives client ``i`` pixel
+``i mod len``). The paper's CNN (valid 3x3 convolutions, floor 2x2 pooling) never reads
+rows or columns 26-27 of a 28x28 image, so three of the paper's four pixels are invisible
+to it (``models.unseen_pixels``).
+
 ASR of ``scaling`` and ``dba`` (Appendix A.4, the authors' ``eval_op_ensemble_attack``):
 among the test images whose true label is not 0, stamped with the *full* four-pixel trigger,
 the fraction classified as 0.
@@ -60,13 +66,23 @@ def _all_to_target(num_classes: int) -> np.ndarray:
     return np.full(num_classes, BACKDOOR_TARGET, np.int32)
 
 
-def _full_trigger(client_id: int) -> tuple:
-    del client_id
-    return TRIGGER_PIXELS
+def parse_trigger_pixels(value) -> tuple:
+    """``"r:c"`` strings or ``(r, c)`` pairs (a non-empty sequence) -> ``((r, c), ...)`` ints.
 
-
-def _dba_piece(client_id: int) -> tuple:
-    return (TRIGGER_PIXELS[client_id % len(TRIGGER_PIXELS)],)
+    Raises ValueError naming the bad entry."""
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    pixels = []
+    for item in value:
+        parts = item.split(":") if isinstance(item, str) else list(item)
+        try:
+            r, c = (int(str(v).strip()) for v in parts)
+        except ValueError:
+            raise ValueError(f"expected row:col pairs of integers, got {item!r}") from None
+        pixels.append((r, c))
+    if not pixels:
+        raise ValueError("needs at least one row:col pixel")
+    return tuple(pixels)
 
 
 @register("label_flip")
@@ -85,7 +101,10 @@ def make_targeted_label_flip(ctx: AttackContext) -> Attack:
 BACKDOOR_TRAINING = ("alternating", "mixed")
 
 
-def _backdoor(name: str, ctx: AttackContext, trigger_pixels) -> Attack:
+def _backdoor(name: str, ctx: AttackContext, distributed: bool) -> Attack:
+    """Scaling (every malicious client stamps the whole trigger) or, ``distributed``, DBA
+    (client ``i`` stamps pixel ``i mod len`` of it)."""
+    pattern = parse_trigger_pixels(ctx.config.get("trigger_pixels") or TRIGGER_PIXELS)
     scale = float(ctx.config.get("scale", 3.0))
     schedule = ctx.config.get("backdoor_training", "alternating")
     if schedule not in BACKDOOR_TRAINING:
@@ -94,16 +113,19 @@ def _backdoor(name: str, ctx: AttackContext, trigger_pixels) -> Attack:
     def apply(state, inp: AttackInput):
         return replace_malicious(inp, scale * inp.updates), state
 
+    def trigger_pixels(client_id: int) -> tuple:
+        return (pattern[client_id % len(pattern)],) if distributed else pattern
+
     return Attack(name, no_state, apply,
                   poison=DataPoison(label_map=_all_to_target, trigger_pixels=trigger_pixels, schedule=schedule),
-                  asr=AsrSpec(target=BACKDOOR_TARGET, trigger_pixels=TRIGGER_PIXELS))
+                  asr=AsrSpec(target=BACKDOOR_TARGET, trigger_pixels=pattern))
 
 
 @register("scaling")
 def make_scaling(ctx: AttackContext) -> Attack:
-    return _backdoor("scaling", ctx, _full_trigger)
+    return _backdoor("scaling", ctx, distributed=False)
 
 
 @register("dba")
 def make_dba(ctx: AttackContext) -> Attack:
-    return _backdoor("dba", ctx, _dba_piece)
+    return _backdoor("dba", ctx, distributed=True)
