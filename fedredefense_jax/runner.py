@@ -183,7 +183,8 @@ def jsonable(obj):
     return obj
 
 
-def _atomic_json(path: str, obj) -> None:
+def atomic_json(path: str, obj) -> None:
+    """Writes ``obj`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(jsonable(obj), f, indent=2, allow_nan=False)
@@ -284,6 +285,38 @@ def make_asr(spec: attacks_lib.AsrSpec, ds: data_lib.Dataset, predict: Callable,
     return lambda w: metrics.attack_success_rate(predict(w, x), y, spec.target, spec.source)
 
 
+def local_backdoor(cfg: ExperimentConfig, client: int, on_eval: Callable | None = None) -> list[dict]:
+    """One malicious client's backdoor training alone: ``w_t = w_{t-1} + g(w_{t-1})`` for
+    ``t = 1..cfg.rounds`` from the initial model, ``g`` the client's genuine poisoned update
+    (the federation's own trainer and poison; no other client, no scaling, no aggregation).
+
+    Shows whether the attack's local schedule can implant its trigger at all: a backdoor
+    exists where ``asr`` exceeds ``asr_base``. Returns (and passes to ``on_eval``) one record
+    ``{"round", "test_acc", "asr", "asr_base"}`` every ``cfg.eval_every`` rounds and at the end.
+    Raises ConfigError for bad settings, an attack without a trigger or a benign ``client``.
+    """
+    validate(cfg)
+    setup = build(cfg)
+    fed = setup.federation
+    if setup.asr_base is None:
+        raise ConfigError("attack", f"needs a trigger backdoor (scaling or dba), got {cfg.attack!r}")
+    first = cfg.num_clients - cfg.num_malicious
+    if not first <= client < cfg.num_clients:
+        raise ConfigError("client", f"must be a malicious client id in [{first}, {cfg.num_clients - 1}], got {client}")
+    ids, key = np.array([client]), jax.random.key(cfg.seed)
+    w, rows = fed.init_params, []
+    for t in range(1, cfg.rounds + 1):
+        keys = training.client_keys(jax.random.fold_in(key, t), ids)
+        w = w + fed.train(w, fed.client_x, fed.client_y, fed.client_counts, ids, keys, poison=fed.poison)[0]
+        if t % cfg.eval_every == 0 or t == cfg.rounds:
+            rows.append({"round": t, "test_acc": training.accuracy(setup.predict, w, setup.dataset.test_x,
+                                                                  setup.dataset.test_y),
+                         "asr": setup.asr(w), "asr_base": setup.asr_base(w)})
+            if on_eval is not None:
+                on_eval(rows[-1])
+    return rows
+
+
 class Stopped(Exception):
     """The run was stopped by SIGINT/SIGTERM after saving a checkpoint."""
 
@@ -323,7 +356,7 @@ def prepare_output_dir(cfg: ExperimentConfig) -> None:
         for n in present:
             path = os.path.join(cfg.output_dir, n)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    _atomic_json(cfg_path, mine)
+    atomic_json(cfg_path, mine)
 
 
 def _load_records(path: str, upto: int) -> list[dict]:
@@ -438,7 +471,7 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
                 summary.update(_final_metrics(cfg, fed, state, accs, round_times, start, records, asrs))
                 if stop.requested:
                     summary["status"] = "stopped"
-                _atomic_json(summary_path, summary)
+                atomic_json(summary_path, summary)
             if progress:
                 eta = np.median(round_times[-10:]) * (cfg.rounds - t)
                 acc = f"acc {rec['test_acc']:.4f} " if "test_acc" in rec else ""
@@ -451,7 +484,7 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
     ckpt.close()
     summary.update(_final_metrics(cfg, fed, state, accs, round_times, start, records, asrs))
     summary["status"] = "done"
-    _atomic_json(summary_path, summary)
+    atomic_json(summary_path, summary)
     return summary
 
 

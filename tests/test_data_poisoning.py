@@ -260,3 +260,25 @@ def test_scaling_run_records_asr(tmp_path):
     assert on_disk["asr"] == s["asr"] == rows[-1]["asr"]
     assert on_disk["asr_by_round"] == {"1": rows[0]["asr"], "2": rows[1]["asr"]}
     assert rows[0]["malicious"] == [2, 3]
+
+
+def test_local_backdoor_repeats_one_clients_genuine_update(tmp_path):
+    d = tmp_path / "fm"
+    write_idx_dir(d, n_train=96, n_test=40)
+    cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=2, rounds=2, eval_every=1,
+                                  attack="dba", batch_size=16, lr=0.01, attack_config={"trigger_pixels": ["3:4"]})
+    seen = []
+    rows = runner.local_backdoor(cfg, 3, on_eval=seen.append)
+    assert [r["round"] for r in rows] == [1, 2] and seen == rows
+    # the same two rounds by hand: the federation's trainer on slot [3], from its own model each time
+    setup = runner.build(cfg)
+    fed, w = setup.federation, setup.federation.init_params
+    for t in (1, 2):
+        keys = training.client_keys(jax.random.fold_in(jax.random.key(0), t), np.array([3]))
+        w = w + fed.train(w, fed.client_x, fed.client_y, fed.client_counts, np.array([3]), keys, poison=fed.poison)[0]
+    assert rows[1]["asr"] == setup.asr(w) and rows[1]["asr_base"] == setup.asr_base(w)
+    assert rows[1]["test_acc"] == training.accuracy(setup.predict, w, setup.dataset.test_x, setup.dataset.test_y)
+    with pytest.raises(runner.ConfigError, match="--client: must be a malicious client id in \\[2, 3\\], got 1"):
+        runner.local_backdoor(cfg, 1)
+    with pytest.raises(runner.ConfigError, match="--attack: needs a trigger backdoor"):
+        runner.local_backdoor(dataclasses.replace(cfg, attack="label_flip"), 3)
