@@ -42,7 +42,7 @@ flags.DEFINE_integer("eval_every", 10, "Evaluate every this many rounds (and at 
 flags.DEFINE_integer("seed", 0, "Seed of every cell.")
 flags.DEFINE_list("defense_config", [], "key=value settings given to every defense (e.g. cold_start=5).")
 flags.DEFINE_list("attack_config", [], "key=value settings given to every attack (e.g. backdoor_training=mixed, "
-                  "scale=3).")
+                  "scale=3, trigger_pixels=24:24;22:24;24:22;23:23).")
 flags.DEFINE_bool("table_only", False, "Only rewrite the table from the finished cells.")
 
 # The paper's Table 2, Fashion-MNIST (TACC %, or TACC/ASR %).

@@ -184,7 +184,8 @@ def test_trigger_pixels_option_moves_the_trigger():
     for cid in (2, 3):
         assert sorted(zip(*np.nonzero(full.trigger[cid]))) == sorted((r, c, 0) for r, c in want)
         assert list(zip(*np.nonzero(dba.trigger[cid]))) == [(*want[cid % 3], 0)]
-    assert parse_trigger_pixels("1:2, 3:4") == parse_trigger_pixels([(1, 2), (3, 4)]) == ((1, 2), (3, 4))
+    assert parse_trigger_pixels("1:2, 3:4") == parse_trigger_pixels("1:2;3:4") == ((1, 2), (3, 4))
+    assert parse_trigger_pixels([(1, 2), (3, 4)]) == ((1, 2), (3, 4))
     for bad in ("1:x", "7", "1:2:3", ""):
         with pytest.raises(ValueError):
             parse_trigger_pixels(bad)

@@ -37,6 +37,8 @@ the fraction classified as 0.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from fedredefense_jax.attacks import register
@@ -67,11 +69,12 @@ def _all_to_target(num_classes: int) -> np.ndarray:
 
 
 def parse_trigger_pixels(value) -> tuple:
-    """``"r:c"`` strings or ``(r, c)`` pairs (a non-empty sequence) -> ``((r, c), ...)`` ints.
+    """``"r:c"`` strings or ``(r, c)`` pairs (a non-empty sequence, or one string of ``r:c``
+    separated by commas, semicolons or spaces) -> ``((r, c), ...)`` ints.
 
     Raises ValueError naming the bad entry."""
     if isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
+        value = [v for v in re.split(r"[,;\s]+", value) if v]
     pixels = []
     for item in value:
         parts = item.split(":") if isinstance(item, str) else list(item)
