@@ -296,13 +296,13 @@ def local_backdoor(cfg: ExperimentConfig, client: int, on_eval: Callable | None 
     Raises ConfigError for bad settings, an attack without a trigger or a benign ``client``.
     """
     validate(cfg)
+    first = cfg.num_clients - cfg.num_malicious
+    if not first <= client < cfg.num_clients:
+        raise ConfigError("client", f"must be a malicious client id in [{first}, {cfg.num_clients - 1}], got {client}")
     setup = build(cfg)
     fed = setup.federation
     if setup.asr_base is None:
         raise ConfigError("attack", f"needs a trigger backdoor (scaling or dba), got {cfg.attack!r}")
-    first = cfg.num_clients - cfg.num_malicious
-    if not first <= client < cfg.num_clients:
-        raise ConfigError("client", f"must be a malicious client id in [{first}, {cfg.num_clients - 1}], got {client}")
     ids, key = np.array([client]), jax.random.key(cfg.seed)
     w, rows = fed.init_params, []
     for t in range(1, cfg.rounds + 1):
