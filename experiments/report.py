@@ -1,12 +1,18 @@
 """Markdown summary of FedREDefense runs from their ``summary.json`` and ``rounds.jsonl``.
 
     python experiments/report.py runs/acc_fmnist_cnn_mpaf runs/acc_fmnist_cnn_sign_flip
+    python experiments/report.py --curves[=10,20,30] runs/convnet30/fedavg__none runs/convnet30/fedavg__scaling
 
 Per run: DACC, FPR, FNR, AAR, AOI; errors (mean +- std) of benign and malicious
 participations, at first participation and over all rounds; outer iterations per client at
 first participation and later (median / max), benign and malicious; malicious participations
 flagged; final test accuracy; wall time and median seconds per round (training and
 detection).
+
+With ``--curves``: one row per run, one column per evaluated round (all of them, or the
+comma-separated rounds given), each cell the test accuracy in % or, for runs that record an
+attack success rate, ``TACC / ASR / asr_base`` in % (``asr_base``: the same count on images
+without the trigger); ``-`` where the run has no evaluation at that round.
 """
 
 from __future__ import annotations
@@ -67,7 +73,49 @@ def _fmt(v) -> str:
     return "-" if v is None else str(v)
 
 
+def evaluations(run_dir: str) -> dict:
+    """``{round: {"test_acc", "asr", "asr_base"}}`` of the evaluated rounds in ``rounds.jsonl``."""
+    path = os.path.join(run_dir, "rounds.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"report: {path} not found (is {run_dir!r} a run's --output_dir?)")
+    out = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "test_acc" in r:
+                out[r["round"]] = {k: r.get(k) for k in ("test_acc", "asr", "asr_base")}
+    return out
+
+
+def _cell(e: dict | None) -> str:
+    if e is None:
+        return "-"
+    vals = [e["test_acc"]] + [e[k] for k in ("asr", "asr_base") if e.get(k) is not None]
+    return " / ".join(f"{100 * v:.2f}" for v in vals)
+
+
+def curves_table(run_dirs: list[str], rounds: list[int] | None = None) -> str:
+    """Markdown table: runs x evaluated rounds (``rounds`` or the union of all)."""
+    evals = {d: evaluations(d) for d in run_dirs}
+    cols = rounds or sorted(set().union(*(e.keys() for e in evals.values())))
+    row = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
+    lines = [row(["run"] + [f"round {t}" for t in cols]), row(["---"] * (len(cols) + 1))]
+    for d, e in evals.items():
+        lines.append(row([os.path.basename(d.rstrip("/"))] + [_cell(e.get(t)) for t in cols]))
+    return "\n".join(lines)
+
+
 def main(argv):
+    if len(argv) > 1 and argv[1].startswith("--curves"):
+        spec = argv[1].partition("=")[2]
+        try:
+            rounds = [int(t) for t in spec.split(",")] if spec else None
+        except ValueError:
+            raise SystemExit(f"report: --curves takes comma-separated round numbers, got {spec!r}") from None
+        if len(argv) < 3:
+            raise SystemExit("report: --curves needs at least one run directory")
+        print(curves_table(argv[2:], rounds))
+        return 0
     runs = [describe(d) for d in argv[1:]]
     if not runs:
         print(__doc__)
