@@ -30,11 +30,19 @@ def _pm(d) -> str:
     return f"{d['mean']:.3f} +- {d['std']:.3f} (n={d['count']})"
 
 
+def read_rounds(run_dir: str) -> list[dict]:
+    """The per-round records of ``run_dir/rounds.jsonl``."""
+    path = os.path.join(run_dir, "rounds.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"report: {path} not found (is {run_dir!r} a run's --output_dir?)")
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def describe(run_dir: str) -> dict:
+    rows = read_rounds(run_dir)
     with open(os.path.join(run_dir, "summary.json")) as f:
         s = json.load(f)
-    with open(os.path.join(run_dir, "rounds.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
     seen = set()
     its = {(m, f): [] for m in ("benign", "malicious") for f in ("first", "later")}
     mal_part = mal_flag = 0
@@ -75,16 +83,8 @@ def _fmt(v) -> str:
 
 def evaluations(run_dir: str) -> dict:
     """``{round: {"test_acc", "asr", "asr_base"}}`` of the evaluated rounds in ``rounds.jsonl``."""
-    path = os.path.join(run_dir, "rounds.jsonl")
-    if not os.path.isfile(path):
-        raise SystemExit(f"report: {path} not found (is {run_dir!r} a run's --output_dir?)")
-    out = {}
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if "test_acc" in r:
-                out[r["round"]] = {k: r.get(k) for k in ("test_acc", "asr", "asr_base")}
-    return out
+    return {r["round"]: {k: r.get(k) for k in ("test_acc", "asr", "asr_base")}
+            for r in read_rounds(run_dir) if "test_acc" in r}
 
 
 def _cell(e: dict | None) -> str:
