@@ -211,7 +211,7 @@ def write_table(root: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from fedredefense_jax.runner import ConfigError, ExperimentConfig, run, validate
+    from fedredefense_jax.runner import ConfigError, ExperimentConfig, Stopped, run, validate
 
     logging.set_verbosity(logging.INFO)
     if FLAGS.table_only:
@@ -244,6 +244,13 @@ def main(argv):
         except ConfigError as e:
             print(f"error: cell {cfg.defense}:{cfg.attack}: {e}", file=sys.stderr)
             return 2
+        except (Stopped, KeyboardInterrupt) as e:
+            # Finished cells keep their table rows; the stopped cell resumes from its checkpoint on rerun.
+            write_table(FLAGS.root)
+            why = str(e) if isinstance(e, Stopped) else "interrupted; rerun the same command to resume"
+            print(f"cell {cfg.defense}:{cfg.attack}: {why} ({cfg.output_dir}); finished cells are skipped on rerun",
+                  file=sys.stderr)
+            return 130
         logging.info("cell %s:%s done in %.0f s: %s", cfg.defense, cfg.attack, time.time() - t0, cell_text(s))
         write_table(FLAGS.root)
     write_table(FLAGS.root)
