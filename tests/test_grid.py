@@ -1,0 +1,99 @@
+"""experiments/grid.py: cells run one after another into ROOT/DEFENSE__ATTACK, the table is
+rebuilt from the finished cells, bad cells fail in one line, and a SIGTERM stops the grid
+(exit 130, table kept) so that the same command resumes it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_data import write_idx_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRID = os.path.join(ROOT, "experiments", "grid.py")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fm")
+    write_idx_dir(d, n_train=160, n_test=40)
+    return str(d)
+
+
+def _cmd(data, root, rounds, cells="fedavg:none,fedavg:mpaf"):
+    return [sys.executable, GRID, f"--data_dir={data}", f"--root={root}", f"--cells={cells}",
+            "--num_clients=4", "--num_malicious=1", f"--rounds={rounds}", "--eval_every=2"]
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+
+
+def _grid(*cmd):
+    return subprocess.run(list(cmd), env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _round_numbers(cell) -> list[int]:
+    try:
+        with open(os.path.join(cell, "rounds.jsonl")) as f:
+            return [json.loads(line)["round"] for line in f]
+    except FileNotFoundError:
+        return []
+
+
+def test_grid_runs_every_cell_tabulates_and_skips_finished_cells(data, tmp_path):
+    root = str(tmp_path / "grid")
+    r = _grid(*_cmd(data, root, rounds=3))
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = json.load(open(os.path.join(root, "table.json")))
+    assert set(table) == {"none", "mpaf"} and set(table["none"]) == set(table["mpaf"]) == {"fedavg"}
+    for attack in ("none", "mpaf"):
+        s = json.load(open(os.path.join(root, f"fedavg__{attack}", "summary.json")))
+        assert s["status"] == "done" and s["rounds_done"] == 3
+        assert table[attack]["fedavg"]["tacc"] == s["test_acc"]
+        assert _round_numbers(os.path.join(root, f"fedavg__{attack}")) == [1, 2, 3]
+    md = open(os.path.join(root, "table.md")).read()
+    assert "| mpaf | " in md and "[20.46]" in md  # the paper's Table 2 FedAvg value beside ours
+    again = _grid(*_cmd(data, root, rounds=3))
+    assert again.returncode == 0 and "cell 1/2" not in again.stderr  # both cells skipped
+    assert _round_numbers(os.path.join(root, "fedavg__mpaf")) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("cells,needle", [("fedavg", "--cells"), ("fedavg:no_such_attack", "cell fedavg:no_such_attack")])
+def test_bad_cell_fails_in_one_line(data, tmp_path, cells, needle):
+    r = _grid(*_cmd(data, str(tmp_path / "grid"), rounds=1, cells=cells))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert needle in r.stderr, r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "grid" / "fedavg__none")
+
+
+def test_sigterm_stops_the_running_cell_keeps_the_table_and_resumes(data, tmp_path):
+    root = str(tmp_path / "grid")
+    rounds = 20
+    second = os.path.join(root, "fedavg__mpaf")
+    log = tmp_path / "stderr.txt"
+    # stderr goes to a file: the grid logs every checkpoint, which would fill an unread pipe and block it.
+    with open(log, "w") as err_file:
+        proc = subprocess.Popen(_cmd(data, root, rounds), env=_env(), stdout=subprocess.DEVNULL, stderr=err_file)
+    deadline = time.time() + 300
+    while len(_round_numbers(second)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    err = log.read_text()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    stopped_at = len(_round_numbers(second))
+    assert 2 <= stopped_at < rounds, "the second cell was not stopped mid-run"
+    assert f"cell fedavg:mpaf: stopped after round {stopped_at}" in err
+    assert "finished cells are skipped on rerun" in err
+    table = json.load(open(os.path.join(root, "table.json")))
+    assert set(table) == {"none"}  # the finished cell is tabulated, the stopped one is not
+    r = _grid(*_cmd(data, root, rounds))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from the checkpoint of round" in r.stderr
+    assert _round_numbers(second) == list(range(1, rounds + 1))
+    assert set(json.load(open(os.path.join(root, "table.json")))) == {"none", "mpaf"}
