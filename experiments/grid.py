@@ -245,8 +245,7 @@ def main(argv):
             print(f"error: cell {cfg.defense}:{cfg.attack}: {e}", file=sys.stderr)
             return 2
         except (Stopped, KeyboardInterrupt) as e:
-            # Finished cells keep their table rows; the stopped cell resumes from its checkpoint on rerun.
-            write_table(FLAGS.root)
+            # The table was rewritten after the last finished cell; the stopped cell resumes from its checkpoint.
             why = str(e) if isinstance(e, Stopped) else "interrupted; rerun the same command to resume"
             print(f"cell {cfg.defense}:{cfg.attack}: {why} ({cfg.output_dir}); finished cells are skipped on rerun",
                   file=sys.stderr)

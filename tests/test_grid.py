@@ -12,6 +12,7 @@ import time
 import pytest
 
 from test_data import write_idx_dir
+from test_resume import _env, _rounds_written
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = os.path.join(ROOT, "experiments", "grid.py")
@@ -27,10 +28,6 @@ def data(tmp_path_factory):
 def _cmd(data, root, rounds, cells="fedavg:none,fedavg:mpaf"):
     return [sys.executable, GRID, f"--data_dir={data}", f"--root={root}", f"--cells={cells}",
             "--num_clients=4", "--num_malicious=1", f"--rounds={rounds}", "--eval_every=2"]
-
-
-def _env():
-    return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
 
 
 def _grid(*cmd):
@@ -80,7 +77,7 @@ def test_sigterm_stops_the_running_cell_keeps_the_table_and_resumes(data, tmp_pa
     with open(log, "w") as err_file:
         proc = subprocess.Popen(_cmd(data, root, rounds), env=_env(), stdout=subprocess.DEVNULL, stderr=err_file)
     deadline = time.time() + 300
-    while len(_round_numbers(second)) < 2 and proc.poll() is None and time.time() < deadline:
+    while _rounds_written(second) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=300)
