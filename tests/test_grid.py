@@ -12,7 +12,7 @@ import time
 import pytest
 
 from test_data import write_idx_dir
-from test_resume import _env, _rounds_written
+from test_resume import _env, _records, _rounds_written
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = os.path.join(ROOT, "experiments", "grid.py")
@@ -35,11 +35,7 @@ def _grid(*cmd):
 
 
 def _round_numbers(cell) -> list[int]:
-    try:
-        with open(os.path.join(cell, "rounds.jsonl")) as f:
-            return [json.loads(line)["round"] for line in f]
-    except FileNotFoundError:
-        return []
+    return [r["round"] for r in _records(cell)]
 
 
 def test_grid_runs_every_cell_tabulates_and_skips_finished_cells(data, tmp_path):
