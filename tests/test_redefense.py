@@ -6,6 +6,8 @@ and one defense instance (module fixtures) and keep the slot/bucket shapes few.
 
 from __future__ import annotations
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -194,6 +196,18 @@ def test_compaction_matches_no_compaction(rec, setup, three, batched_nocompact):
     assert all(b == 3 for b, _ in batched_nocompact.chunks)
     lens = [n for _, n in res.chunks]
     assert lens[0] == rec.cfg.first_chunk and max(lens) <= rec.cfg.chunk
+
+
+def test_long_reconstruction_logs_progress_per_chunk(rec, setup, three, monkeypatch, caplog):
+    updates, kn, caps = three
+    monkeypatch.setattr(rd, "PROGRESS_AFTER_S", 0.0)  # every reconstruction counts as long
+    with caplog.at_level(logging.INFO):
+        res = rec.reconstruct(kn, setup["w0"], updates, caps, np.ones(3, bool))
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("FedREDefense reconstruction:")]
+    assert len(lines) == len(res.chunks)  # one line per compiled chunk
+    assert lines[-1].startswith(f"FedREDefense reconstruction: 3/3 clients done, at most "
+                                f"{res.iterations.max()} outer iterations")
 
 
 def test_bucket_sizes():

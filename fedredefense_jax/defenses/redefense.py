@@ -63,13 +63,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional
-
 import time
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax import lax
 
 from fedredefense_jax.defenses import register
@@ -102,6 +102,10 @@ _DATASET_ALIASES = {
     "cifar10": "cifar10", "cifar-10": "cifar10", "cifar": "cifar10",
     "cinic10": "cinic10", "cinic-10": "cinic10", "cinic": "cinic10",
 }
+
+#: A reconstruction still running after this many seconds logs its progress after every
+#: chunk (a first participation of a large model can take an hour on a CPU).
+PROGRESS_AFTER_S = 30.0
 
 #: Appendix B.3 iteration counts of the fixed-count variants: (first, later).
 VARIANT_CAPS = {"continuous": (500, 60), "intermittent": (500, 500)}
@@ -495,6 +499,7 @@ class Reconstructor:
         done = np.asarray(carry.done)
         chunk_len = min(cfg.first_chunk, cfg.chunk)
         chunks = []
+        t_start = time.perf_counter()
         while not done.all():
             if compact:
                 active = np.nonzero(~done)[0]
@@ -515,6 +520,12 @@ class Reconstructor:
                                         stop_flag)
             chunks.append((b, chunk_len))
             done = np.asarray(carry.done)
+            elapsed = time.perf_counter() - t_start
+            if elapsed >= PROGRESS_AFTER_S:
+                logging.info("FedREDefense reconstruction: %d/%d clients done, at most %d "
+                             "outer iterations so far (cap %d), %.0f s", int((done & run).sum()),
+                             int(run.sum()), int(np.asarray(carry.iters).max()), int(caps.max()),
+                             elapsed)
             chunk_len = min(2 * chunk_len, cfg.chunk)
 
         if final_eval and run.any():
