@@ -6,8 +6,8 @@
 Per run: DACC, FPR, FNR, AAR, AOI; errors (mean +- std) of benign and malicious
 participations, at first participation and over all rounds; outer iterations per client at
 first participation and later (median / max), benign and malicious; malicious participations
-flagged; final test accuracy; wall time and median seconds per round (training and
-detection).
+flagged; final test accuracy; the summed round times (resumed runs included), the last
+process's wall time and median seconds per round (training and detection).
 
 With ``--curves``: one row per run, one column per evaluated round (all of them, or the
 comma-separated rounds given), each cell the test accuracy in % or, for runs that record an
@@ -67,7 +67,8 @@ def describe(run_dir: str) -> dict:
         **{f"{m} iterations {f} (median / max)": stat(a) for (m, f), a in its.items()},
         "malicious participations flagged": f"{mal_flag} / {mal_part}",
         "test acc": s.get("test_acc"),
-        "wall": f"{s.get('wall_s', 0) / 60:.1f} min",
+        "round time (sum over rounds)": f"{sum(r['round_s'] for r in rows) / 60:.1f} min",
+        "wall (last process)": f"{s.get('wall_s', 0) / 60:.1f} min",
         "s/round (median)": f"{s.get('seconds_per_round_median') or 0:.1f}",
         "train s / detect s (median)": f"{np.median([r['train_s'] for r in rows]):.1f} / "
                                        f"{np.median([r['detection_s'] for r in rows]):.1f}",

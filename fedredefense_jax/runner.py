@@ -7,7 +7,9 @@ Outputs in ``output_dir``:
   also ``asr_base``, the same count on the unstamped images),
   seconds in local training / attack / detection / aggregation, participants, flagged
   clients and any per-client values the defense reports), appended and flushed each round;
-* ``summary.json``: config, final metrics, wall time, jax version and device, rewritten
+* ``summary.json``: config, final metrics, time (``wall_s``: this process since it started
+  or resumed; ``rounds_s_total``: the summed round times of every round, resumed ones
+  included), jax version and device, rewritten
   atomically after every evaluation so a stopped run keeps what it measured;
 * ``config.json``: the configuration (a different one in the same directory is refused
   unless ``overwrite``);
@@ -508,6 +510,7 @@ def _final_metrics(cfg, fed, state, accs, round_times, start, records, asrs=None
         "test_acc_by_round": {str(k): v for k, v in sorted(accs.items())},
         "expelled": np.flatnonzero(state.expelled).tolist(),
         "seconds_per_round_median": float(np.median(round_times)) if round_times else None,
+        "rounds_s_total": float(np.sum(round_times)),
         "wall_s": time.time() - start,
     }
 

@@ -1,4 +1,4 @@
-"""experiments/report.py --curves: the per-round table built from runs' rounds.jsonl."""
+"""experiments/report.py: the per-run summary table and the --curves per-round table."""
 
 import json
 import os
@@ -38,3 +38,23 @@ def test_curves_errors_name_the_fault(tmp_path):
     assert missing.returncode != 0 and "rounds.jsonl not found" in missing.stderr
     bad = _report("--curves=ten", str(tmp_path))
     assert bad.returncode != 0 and "--curves takes comma-separated round numbers" in bad.stderr
+
+
+def test_summary_sums_round_times_over_a_resumed_run(tmp_path):
+    """A resumed run's summary.json holds only the last process's wall time; the table
+    must also give the time of every round, so that a 66-minute first round is not lost."""
+    run = str(tmp_path / "fedredefense__scaling")
+    row = {"participants": [0, 1, 2], "malicious": [2], "iterations": [3, 4, 800],
+           "train_s": 1.0, "detection_s": 2.0}
+    _write_run(run, [row | {"round": 1, "flagged": [2], "round_s": 3600.0},
+                     row | {"round": 2, "flagged": [], "round_s": 60.0}])
+    with open(os.path.join(run, "summary.json"), "w") as f:
+        json.dump({"rounds_done": 2, "wall_s": 90.0, "seconds_per_round_median": 1830.0,
+                   "detection": {"dacc": 1.0, "fpr": 0.0, "fnr": 0.0, "aar": 0}}, f)
+    out = _report(run)
+    assert out.returncode == 0, out.stderr
+    cells = dict(line.strip("| ").split(" | ") for line in out.stdout.strip().splitlines()[2:])
+    assert cells["round time (sum over rounds)"] == "61.0 min"
+    assert cells["wall (last process)"] == "1.5 min"
+    assert cells["malicious participations flagged"] == "1 / 2"
+    assert cells["malicious iterations first (median / max)"] == "800 / 800"

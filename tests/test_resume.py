@@ -22,7 +22,7 @@ ROUNDS = 25
 ARGS = ["--num_clients=4", "--num_malicious=2", "--attack=sign_flip", "--defense=fedredefense",
         "--first_cap=20", "--later_cap=20", "--eval_every=3", f"--rounds={ROUNDS}", "--batch_size=16"]
 # Wall times differ between runs; everything else in the summary must not.
-TIMING = ("wall_s", "seconds_per_round_median", "environment", "config")
+TIMING = ("wall_s", "rounds_s_total", "seconds_per_round_median", "environment", "config")
 
 
 def _cmd(data, out, *extra):
