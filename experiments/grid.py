@@ -7,8 +7,8 @@
 Every cell has the same ``num_malicious`` (the ``q`` that Krum and Trimmed Mean are told);
 under ``--attacks=none`` those ``q`` clients are honest. Every cell is an ordinary run of :func:`fedredefense_jax.runner.run` in ``ROOT/DEFENSE__ATTACK``
 (checkpointed each round, so a stopped grid resumes where it stopped: rerun the same
-command; finished cells are skipped). ``--cells=defense:attack,...`` runs only those cells
-instead of the cross product. After each cell, ``ROOT/table.md`` and ``ROOT/table.json``
+command; finished cells are skipped, or extended from their last round when ``--rounds`` is
+larger). ``--cells=defense:attack,...`` runs only those cells instead of the cross product. After each cell, ``ROOT/table.md`` and ``ROOT/table.json``
 are rewritten from every finished cell: TACC (%) [/ ASR (%)] per cell, the paper's Table 2
 Fashion-MNIST values beside them, and the detection metrics of the cells whose defense
 labels clients (DACC / FPR / FNR / AAR) or filters per round (ADACC / AFPR / AFNR).
@@ -235,8 +235,9 @@ def main(argv):
             return 2
         configs.append(cfg)
     for i, cfg in enumerate(configs, 1):
-        if finished(cfg.output_dir):
-            continue
+        done = finished(cfg.output_dir)
+        if done and done.get("rounds_done", 0) >= cfg.rounds:
+            continue  # a cell finished with fewer rounds is extended from its last checkpoint
         t0 = time.time()
         logging.info("cell %d/%d: %s under %s", i, len(configs), cfg.attack, cfg.defense)
         try:

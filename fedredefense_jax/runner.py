@@ -40,6 +40,7 @@ from fedredefense_jax import attacks as attacks_lib
 from fedredefense_jax import data as data_lib
 from fedredefense_jax import defenses as defenses_lib
 from fedredefense_jax import metrics, models, partition, simulation, training
+from fedredefense_jax.attacks import adaptive as adaptive_attack
 from fedredefense_jax.attacks.data_poisoning import BACKDOOR_TRAINING, parse_trigger_pixels
 from fedredefense_jax.defenses.fltrust import DEFAULT_ROOT_SIZE
 from fedredefense_jax.defenses.redefense import AGGREGATORS
@@ -326,8 +327,21 @@ class Stopped(Exception):
 _OUTPUTS = ("config.json", "rounds.jsonl", "summary.json", "checkpoints")
 
 
+# Settings a run takes when its attack_config / defense_config leaves them out (the attacks'
+# and FedREDefense's own defaults, and run.py's flag defaults). run.py writes them out while
+# grid.py leaves them empty; both mean the same run, so one may resume the other's.
+_CONFIG_DEFAULTS = {
+    "attack_config": {"scale": 3.0, "backdoor_training": "alternating",
+                      "delta_init": adaptive_attack.DELTA_INIT, "step_min": adaptive_attack.STEP_MIN},
+    "defense_config": {"variant": "dynamic", "layout": "auto"},
+}
+
+
 def _comparable(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in _RESUMABLE_CHANGES}
+    out = {k: v for k, v in config.items() if k not in _RESUMABLE_CHANGES}
+    for key, defaults in _CONFIG_DEFAULTS.items():
+        out[key] = {**defaults, **(out.get(key) or {})}
+    return out
 
 
 def prepare_output_dir(cfg: ExperimentConfig) -> None:

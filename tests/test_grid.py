@@ -54,6 +54,29 @@ def test_grid_runs_every_cell_tabulates_and_skips_finished_cells(data, tmp_path)
     again = _grid(*_cmd(data, root, rounds=3))
     assert again.returncode == 0 and "cell 1/2" not in again.stderr  # both cells skipped
     assert _round_numbers(os.path.join(root, "fedavg__mpaf")) == [1, 2, 3]
+    before = {a: _records(os.path.join(root, f"fedavg__{a}")) for a in ("none", "mpaf")}
+    longer = _grid(*_cmd(data, root, rounds=5))  # a larger --rounds extends the finished cells
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    for attack in ("none", "mpaf"):
+        cell = os.path.join(root, f"fedavg__{attack}")
+        assert json.load(open(os.path.join(cell, "summary.json")))["rounds_done"] == 5
+        assert _round_numbers(cell) == [1, 2, 3, 4, 5] and _records(cell)[:3] == before[attack]
+
+
+def test_run_py_resumes_a_grid_cell_and_refuses_other_settings(data, tmp_path):
+    root = str(tmp_path / "grid")
+    assert _grid(*_cmd(data, root, rounds=2, cells="fedavg:mpaf")).returncode == 0
+    cell = os.path.join(root, "fedavg__mpaf")
+    run = [sys.executable, os.path.join(ROOT, "experiments", "run.py"), f"--data_dir={data}", f"--output_dir={cell}",
+           "--num_clients=4", "--num_malicious=1", "--eval_every=2", "--attack=mpaf", "--defense=fedavg"]
+    # The grid leaves the attack's and defense's settings at their defaults, run.py writes them out.
+    r = _grid(*run, "--rounds=3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _round_numbers(cell) == [1, 2, 3]
+    other = _grid(*run, "--rounds=4", "--attack_scale=5")
+    assert other.returncode != 0 and "Traceback" not in other.stderr
+    assert "--output_dir" in other.stderr and "scale" in other.stderr, other.stderr[-2000:]
+    assert _round_numbers(cell) == [1, 2, 3]
 
 
 @pytest.mark.parametrize("cells,needle", [("fedavg", "--cells"), ("fedavg:no_such_attack", "cell fedavg:no_such_attack")])
