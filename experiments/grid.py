@@ -8,9 +8,9 @@ Every cell has the same ``num_malicious`` (the ``q`` that Krum and Trimmed Mean 
 under ``--attacks=none`` those ``q`` clients are honest. Every cell is an ordinary run of :func:`fedredefense_jax.runner.run` in ``ROOT/DEFENSE__ATTACK``
 (checkpointed each round, so a stopped grid resumes where it stopped: rerun the same
 command; finished cells are skipped, or extended from their last round when ``--rounds`` is
-larger). ``--cells=defense:attack,...`` runs only those cells instead of the cross product. After each cell, ``ROOT/table.md`` and ``ROOT/table.json``
-are rewritten from every finished cell: TACC (%) [/ ASR (%)] per cell, the paper's Table 2
-Fashion-MNIST values beside them, and the detection metrics of the cells whose defense
+larger). ``--cells=defense:attack,...`` runs only those cells instead of the cross product.
+After each cell, ``ROOT/table.md`` and ``ROOT/table.json`` are rewritten from every finished
+cell: TACC (%) [/ ASR (%)] per cell, the paper's Table 2 Fashion-MNIST values beside them, and the detection metrics of the cells whose defense
 labels clients (DACC / FPR / FNR / AAR) or filters per round (ADACC / AFPR / AFNR).
 """
 

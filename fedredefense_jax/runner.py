@@ -41,9 +41,10 @@ from fedredefense_jax import data as data_lib
 from fedredefense_jax import defenses as defenses_lib
 from fedredefense_jax import metrics, models, partition, simulation, training
 from fedredefense_jax.attacks import adaptive as adaptive_attack
-from fedredefense_jax.attacks.data_poisoning import BACKDOOR_TRAINING, parse_trigger_pixels
+from fedredefense_jax.attacks.base import SCALE
+from fedredefense_jax.attacks.data_poisoning import BACKDOOR_TRAINING, DEFAULT_BACKDOOR_TRAINING, parse_trigger_pixels
 from fedredefense_jax.defenses.fltrust import DEFAULT_ROOT_SIZE
-from fedredefense_jax.defenses.redefense import AGGREGATORS
+from fedredefense_jax.defenses.redefense import AGGREGATORS, DEFAULT_VARIANT, RedefenseConfig
 
 
 class ConfigError(ValueError):
@@ -144,7 +145,8 @@ def validate(cfg: ExperimentConfig) -> None:
     agg = cfg.defense_config.get("aggregator")
     if agg is not None and not callable(agg) and agg not in AGGREGATORS:
         raise ConfigError("redefense_aggregator", f"must be one of {', '.join(AGGREGATORS)}, got {agg!r}")
-    if cfg.attack_config.get("backdoor_training", "alternating") not in BACKDOOR_TRAINING:
+    attack = {**_CONFIG_DEFAULTS["attack_config"], **cfg.attack_config}
+    if attack["backdoor_training"] not in BACKDOOR_TRAINING:
         raise ConfigError("backdoor_training", f"must be {' or '.join(BACKDOOR_TRAINING)}, "
                           f"got {cfg.attack_config['backdoor_training']!r}")
     if cfg.attack_config.get("trigger_pixels"):
@@ -157,11 +159,11 @@ def validate(cfg: ExperimentConfig) -> None:
         if outside:
             raise ConfigError("trigger_pixels", f"pixel {outside[0][0]}:{outside[0][1]} lies outside the "
                               f"{h}x{w} images of {cfg.dataset}")
-    if not math.isfinite(cfg.attack_config.get("scale", 1.0)):
+    if not math.isfinite(attack["scale"]):
         raise ConfigError("attack_scale", "must be finite")
-    if not (cfg.attack_config.get("delta_init", 2.0) > 0 and math.isfinite(cfg.attack_config.get("delta_init", 2.0))):
-        raise ConfigError("adaptive_delta_init", f"must be a finite number > 0, got {cfg.attack_config['delta_init']}")
-    step_min = cfg.attack_config.get("step_min", 0.125)
+    if not (attack["delta_init"] > 0 and math.isfinite(attack["delta_init"])):
+        raise ConfigError("adaptive_delta_init", f"must be a finite number > 0, got {attack['delta_init']}")
+    step_min = attack["step_min"]
     if not (step_min > 0 and math.isfinite(step_min)):
         raise ConfigError("adaptive_step_min", f"must be a finite number > 0, got {step_min}")
     groups = cfg.defense_config.get("groups")
@@ -331,9 +333,9 @@ _OUTPUTS = ("config.json", "rounds.jsonl", "summary.json", "checkpoints")
 # and FedREDefense's own defaults, and run.py's flag defaults). run.py writes them out while
 # grid.py leaves them empty; both mean the same run, so one may resume the other's.
 _CONFIG_DEFAULTS = {
-    "attack_config": {"scale": 3.0, "backdoor_training": "alternating",
+    "attack_config": {"scale": SCALE, "backdoor_training": DEFAULT_BACKDOOR_TRAINING,
                       "delta_init": adaptive_attack.DELTA_INIT, "step_min": adaptive_attack.STEP_MIN},
-    "defense_config": {"variant": "dynamic", "layout": "auto"},
+    "defense_config": {"variant": DEFAULT_VARIANT, "layout": RedefenseConfig.layout},
 }
 
 

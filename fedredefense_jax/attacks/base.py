@@ -72,6 +72,8 @@ def _no_trigger(client_id: int) -> tuple:
 
 
 POISON_SCHEDULES = ("constant", "alternating", "mixed")
+# Factor of MPAF (Cao & Gong) and of the scaled backdoors (Scaling, DBA): the paper's 3.
+SCALE = 3.0
 
 
 @dataclasses.dataclass(frozen=True)

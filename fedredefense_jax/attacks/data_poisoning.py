@@ -42,7 +42,7 @@ import re
 import numpy as np
 
 from fedredefense_jax.attacks import register
-from fedredefense_jax.attacks.base import (no_state, Attack, AttackContext, AttackInput, AsrSpec, DataPoison,
+from fedredefense_jax.attacks.base import (SCALE, no_state, Attack, AttackContext, AttackInput, AsrSpec, DataPoison,
                                            replace_malicious)
 
 BACKDOOR_TARGET = 0
@@ -101,15 +101,16 @@ def make_targeted_label_flip(ctx: AttackContext) -> Attack:
                   asr=AsrSpec(target=FLIP_TARGET, source=FLIP_SOURCE))
 
 
-BACKDOOR_TRAINING = ("alternating", "mixed")
+DEFAULT_BACKDOOR_TRAINING = "alternating"
+BACKDOOR_TRAINING = (DEFAULT_BACKDOOR_TRAINING, "mixed")
 
 
 def _backdoor(name: str, ctx: AttackContext, distributed: bool) -> Attack:
     """Scaling (every malicious client stamps the whole trigger) or, ``distributed``, DBA
     (client ``i`` stamps pixel ``i mod len`` of it)."""
     pattern = parse_trigger_pixels(ctx.config.get("trigger_pixels") or TRIGGER_PIXELS)
-    scale = float(ctx.config.get("scale", 3.0))
-    schedule = ctx.config.get("backdoor_training", "alternating")
+    scale = float(ctx.config.get("scale", SCALE))
+    schedule = ctx.config.get("backdoor_training", DEFAULT_BACKDOOR_TRAINING)
     if schedule not in BACKDOOR_TRAINING:
         raise ValueError(f"backdoor_training must be one of {', '.join(BACKDOOR_TRAINING)}, got {schedule!r}")
 

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from fedredefense_jax.attacks import register
-from fedredefense_jax.attacks.base import no_state, Attack, AttackContext, AttackInput, replace_malicious
+from fedredefense_jax.attacks.base import SCALE, no_state, Attack, AttackContext, AttackInput, replace_malicious
 
 
 @register("none")
@@ -21,7 +21,7 @@ def make_none(ctx: AttackContext) -> Attack:
 
 @register("mpaf")
 def make_mpaf(ctx: AttackContext) -> Attack:
-    scale = float(ctx.config.get("scale", 3.0))
+    scale = float(ctx.config.get("scale", SCALE))
 
     def apply(state, inp: AttackInput):
         return replace_malicious(inp, scale * (ctx.init_params - inp.global_params)), state

@@ -109,6 +109,7 @@ PROGRESS_AFTER_S = 30.0
 
 #: Appendix B.3 iteration counts of the fixed-count variants: (first, later).
 VARIANT_CAPS = {"continuous": (500, 60), "intermittent": (500, 500)}
+DEFAULT_VARIANT = "dynamic"
 
 VARIANTS = ("dynamic", "continuous", "intermittent")
 LAYOUTS = ("vmap", "map", "auto")
@@ -183,7 +184,7 @@ def make_config(dataset: str, overrides: Optional[dict] = None) -> RedefenseConf
     shared flag dict may carry other defenses' settings)."""
     overrides = dict(overrides or {})
     base = dict(TABLE7.get(canonical_dataset(dataset) or "cifar10"))
-    variant = overrides.get("variant", "dynamic")
+    variant = overrides.get("variant", DEFAULT_VARIANT)
     if variant in VARIANT_CAPS:
         base["first_cap"], base["later_cap"] = VARIANT_CAPS[variant]
     fields = {f.name for f in dataclasses.fields(RedefenseConfig)}
