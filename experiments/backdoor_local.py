@@ -32,7 +32,8 @@ flags.DEFINE_integer("train_subset", None, "Training images used before the spli
 flags.DEFINE_integer("seed", 0, "Seed of the split, the initial model and the shuffling.")
 flags.DEFINE_integer("client", None, "Malicious client id (unset = the last one).")
 flags.DEFINE_string("attack", "scaling", "scaling or dba.")
-flags.DEFINE_enum("backdoor_training", "alternating", ["alternating", "mixed"], "Local backdoor schedule.")
+flags.DEFINE_enum("backdoor_training", None, ["alternating", "mixed"],
+                  "Local backdoor schedule (unset = alternating).")
 flags.DEFINE_list("trigger_pixels", None, "row:col pixels of the trigger (unset = the paper's four).")
 flags.DEFINE_integer("rounds", 50, "Local rounds (each: the attack's schedule over E epochs).")
 flags.DEFINE_integer("local_epochs", 1, "Local epochs E per round.")
@@ -49,7 +50,9 @@ def main(argv):
     from fedredefense_jax.data import DataError
     from fedredefense_jax.runner import ConfigError, ExperimentConfig, atomic_json, local_backdoor
 
-    attack_config = {"backdoor_training": FLAGS.backdoor_training}
+    from fedredefense_jax.attacks.data_poisoning import DEFAULT_BACKDOOR_TRAINING
+
+    attack_config = {"backdoor_training": FLAGS.backdoor_training or DEFAULT_BACKDOOR_TRAINING}
     if FLAGS.trigger_pixels:
         attack_config["trigger_pixels"] = FLAGS.trigger_pixels
     cfg = ExperimentConfig(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=FLAGS.model,

@@ -34,15 +34,17 @@ flags.DEFINE_integer("eval_every", 10, "Evaluate test accuracy every this many r
 flags.DEFINE_string("attack", "none", "Attack name (see fedredefense_jax.attacks.names()).")
 flags.DEFINE_string("defense", "fedavg", "Defense name (see fedredefense_jax.defenses.names()).")
 flags.DEFINE_string("layout", None, "Client batching: vmap, map or chunked; unset = fastest for the backend.")
-flags.DEFINE_float("attack_scale", 3.0, "Scaling factor of MPAF (and the scaling attacks).")
-flags.DEFINE_enum("backdoor_training", "alternating", ["alternating", "mixed"],
-                  "Scaling / DBA local training: alternating = a poisoned epoch then a clean one (authors' "
+flags.DEFINE_float("attack_scale", None, "Scaling factor of MPAF, Scaling and DBA; unset = the paper's 3.")
+flags.DEFINE_enum("backdoor_training", None, ["alternating", "mixed"],
+                  "Scaling / DBA local training: alternating (unset) = a poisoned epoch then a clean one (authors' "
                   "code); mixed = each epoch over the data plus a poisoned copy, shuffled together.")
 flags.DEFINE_list("trigger_pixels", None,
                   "Scaling / DBA trigger as row:col pixels of channel 0, e.g. 24:24,22:24,24:22,23:23; unset = the "
                   "paper's 26:26,24:26,26:24,25:25 (three of which the paper's Fashion-MNIST CNN cannot see).")
-flags.DEFINE_float("adaptive_delta_init", 2.0, "Adaptive attacks (Algorithm 3): initial step delta_init of the scale search.")
-flags.DEFINE_float("adaptive_step_min", 0.125, "Adaptive attacks (Algorithm 3): the search stops once the step is below gamma_att.")
+flags.DEFINE_float("adaptive_delta_init", None, "Adaptive attacks (Algorithm 3): initial step delta_init of the scale "
+                   "search; unset = the paper's 2.")
+flags.DEFINE_float("adaptive_step_min", None, "Adaptive attacks (Algorithm 3): the search stops once the step is "
+                   "below gamma_att; unset = the paper's 0.125.")
 flags.DEFINE_integer("train_subset", None, "Use this many training images (a seeded uniform subset) before the split; "
                      "unset = all. 30 clients over 18000 Fashion-MNIST images hold ~600 each, as 100 clients over 60000.")
 flags.DEFINE_integer("flcert_groups", None, "FLCert: number of client groups, one Median-trained model each (paper: 10).")
@@ -56,12 +58,16 @@ flags.DEFINE_float("alpha_init", None, "Initial virtual-model LR alpha (Table 7)
 flags.DEFINE_float("lr_alpha", None, "Outer LR of alpha (Table 7).")
 flags.DEFINE_integer("first_cap", None, "Outer-iteration cap at a client's first participation (Table 7 'Initial Round of M').")
 flags.DEFINE_integer("later_cap", None, "Outer-iteration cap later (Table 7 'Upper Bound of M').")
-flags.DEFINE_enum("redefense_variant", "dynamic", ["dynamic", "continuous", "intermittent"],
-                  "Optimisation schedule of Appendix B.3.")
-flags.DEFINE_string("redefense_layout", "auto", "Reconstruction batching over clients: auto, vmap or map.")
+flags.DEFINE_enum("redefense_variant", None, ["dynamic", "continuous", "intermittent"],
+                  "Optimisation schedule of Appendix B.3; unset = dynamic.")
+flags.DEFINE_string("redefense_layout", None, "Reconstruction batching over clients: auto (unset), vmap or map.")
 flags.DEFINE_string("redefense_aggregator", None,
                     "Rule aggregating FedREDefense's kept updates: fedavg (unset), median, trimmed_mean, norm_bound or krum.")
 
+# Unset flags stay out of the configs: the attack / defense applies its own default.
+_ATTACK_FLAGS = {"attack_scale": "scale", "backdoor_training": "backdoor_training",
+                 "adaptive_delta_init": "delta_init", "adaptive_step_min": "step_min",
+                 "trigger_pixels": "trigger_pixels"}
 _REDEFENSE_FLAGS = {"gamma": "gamma", "inner_steps": "inner_steps", "distill_images_per_class": "images_per_class",
                     "lr_images": "lr_images", "lr_labels": "lr_labels", "alpha_init": "alpha_init",
                     "lr_alpha": "lr_alpha", "first_cap": "first_cap", "later_cap": "later_cap",
@@ -80,10 +86,8 @@ def config_from_flags():
         eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every, overwrite=FLAGS.overwrite,
         attack=FLAGS.attack, defense=FLAGS.defense, layout=FLAGS.layout,
         train_subset=FLAGS.train_subset,
-        attack_config={"scale": FLAGS.attack_scale, "backdoor_training": FLAGS.backdoor_training,
-                       "delta_init": FLAGS.adaptive_delta_init,
-                       "step_min": FLAGS.adaptive_step_min,
-                       **({"trigger_pixels": FLAGS.trigger_pixels} if FLAGS.trigger_pixels else {})},
+        attack_config={key: FLAGS[name].value for name, key in _ATTACK_FLAGS.items()
+                       if FLAGS[name].value not in (None, [])},
         defense_config={key: FLAGS[name].value for name, key in _REDEFENSE_FLAGS.items()
                         if FLAGS[name].value is not None})
 

@@ -330,8 +330,8 @@ _OUTPUTS = ("config.json", "rounds.jsonl", "summary.json", "checkpoints")
 
 
 # Settings a run takes when its attack_config / defense_config leaves them out (the attacks'
-# and FedREDefense's own defaults, and run.py's flag defaults). run.py writes them out while
-# grid.py leaves them empty; both mean the same run, so one may resume the other's.
+# and FedREDefense's own defaults). run.py and grid.py pass only what was set, config.json
+# records them filled in; a config with and one without them mean the same run.
 _CONFIG_DEFAULTS = {
     "attack_config": {"scale": SCALE, "backdoor_training": DEFAULT_BACKDOOR_TRAINING,
                       "delta_init": adaptive_attack.DELTA_INIT, "step_min": adaptive_attack.STEP_MIN},
@@ -339,11 +339,18 @@ _CONFIG_DEFAULTS = {
 }
 
 
+def recorded_config(cfg: ExperimentConfig) -> dict:
+    """``cfg`` as JSON with the attack / defense defaults filled in, so that config.json and
+    summary.json state every setting the run used."""
+    return _with_defaults(jsonable(dataclasses.asdict(cfg)))
+
+
+def _with_defaults(config: dict) -> dict:
+    return {**config, **{key: {**defaults, **(config.get(key) or {})} for key, defaults in _CONFIG_DEFAULTS.items()}}
+
+
 def _comparable(config: dict) -> dict:
-    out = {k: v for k, v in config.items() if k not in _RESUMABLE_CHANGES}
-    for key, defaults in _CONFIG_DEFAULTS.items():
-        out[key] = {**defaults, **(out.get(key) or {})}
-    return out
+    return {k: v for k, v in _with_defaults(config).items() if k not in _RESUMABLE_CHANGES}
 
 
 def prepare_output_dir(cfg: ExperimentConfig) -> None:
@@ -352,7 +359,7 @@ def prepare_output_dir(cfg: ExperimentConfig) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
     cfg_path = os.path.join(cfg.output_dir, "config.json")
     present = [n for n in _OUTPUTS if os.path.exists(os.path.join(cfg.output_dir, n))]
-    mine = jsonable(dataclasses.asdict(cfg))
+    mine = recorded_config(cfg)
     if present and not cfg.overwrite:
         try:
             with open(cfg_path) as f:
@@ -454,7 +461,7 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
         logging.info("resumed from the checkpoint of round %d", state.round)
     elif os.path.exists(rounds_path):
         os.remove(rounds_path)  # rounds of a run stopped before its first checkpoint
-    summary = {"config": dataclasses.asdict(cfg), "environment": environment(), "split": setup.split,
+    summary = {"config": recorded_config(cfg), "environment": environment(), "split": setup.split,
                "param_count": int(fed.init_params.size), "status": "running"}
     if setup.asr_base is not None:
         summary["trigger_unseen"] = [list(p) for p in setup.trigger_unseen]

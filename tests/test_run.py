@@ -77,6 +77,9 @@ def test_small_run_writes_rounds_and_summary(tmp_path):
     assert on_disk["status"] == "done" and on_disk["rounds_done"] == 3
     assert on_disk["test_acc"] == summary["test_acc"] == rows[2]["test_acc"]
     assert on_disk["environment"]["jax"] and on_disk["config"]["attack"] == "mpaf"
+    # The attack's defaults (the paper's MPAF factor 3) are stated though the config left them out.
+    assert on_disk["config"]["attack_config"]["scale"] == 3.0
+    assert json.load(open(out / "config.json")) == on_disk["config"]
     assert set(on_disk["test_acc_by_round"]) == {"2", "3"}
 
 
