@@ -69,7 +69,13 @@ def test_run_py_resumes_a_grid_cell_and_refuses_other_settings(data, tmp_path):
     cell = os.path.join(root, "fedavg__mpaf")
     run = [sys.executable, os.path.join(ROOT, "experiments", "run.py"), f"--data_dir={data}", f"--output_dir={cell}",
            "--num_clients=4", "--num_malicious=1", "--eval_every=2", "--attack=mpaf", "--defense=fedavg"]
-    # The grid leaves the attack's and defense's settings at their defaults, run.py writes them out.
+    # Neither driver passes the settings left at their defaults; config.json records them filled.
+    cfg_path = os.path.join(cell, "config.json")
+    cfg = json.load(open(cfg_path))
+    assert cfg["attack_config"]["scale"] == 3.0 and cfg["defense_config"]["variant"] == "dynamic"
+    # Grids before session 28 recorded them empty: such a cell still resumes.
+    with open(cfg_path, "w") as f:
+        json.dump({**cfg, "attack_config": {}, "defense_config": {}}, f)
     r = _grid(*run, "--rounds=3")
     assert r.returncode == 0, r.stderr[-2000:]
     assert _round_numbers(cell) == [1, 2, 3]
