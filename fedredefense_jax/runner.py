@@ -11,8 +11,8 @@ Outputs in ``output_dir``:
   or resumed; ``rounds_s_total``: the summed round times of every round, resumed ones
   included), jax version and device, rewritten
   atomically after every evaluation so a stopped run keeps what it measured;
-* ``config.json``: the configuration (a different one in the same directory is refused
-  unless ``overwrite``);
+* ``config.json``: the configuration, attack / defense defaults filled in (a different one
+  in the same directory is refused unless ``overwrite``);
 * ``checkpoints/``: Orbax checkpoints of the whole simulation state every
   ``checkpoint_every`` rounds; rerunning the same command resumes from the newest one.
 """
