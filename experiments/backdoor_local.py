@@ -15,7 +15,6 @@ without the trigger); a backdoor exists only where ``asr`` exceeds ``asr_base``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -48,11 +47,9 @@ def main(argv):
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         return 2
     from fedredefense_jax.data import DataError
-    from fedredefense_jax.runner import ConfigError, ExperimentConfig, atomic_json, local_backdoor
+    from fedredefense_jax.runner import ConfigError, ExperimentConfig, atomic_json, local_backdoor, recorded_config
 
-    from fedredefense_jax.attacks.data_poisoning import DEFAULT_BACKDOOR_TRAINING
-
-    attack_config = {"backdoor_training": FLAGS.backdoor_training or DEFAULT_BACKDOOR_TRAINING}
+    attack_config = {"backdoor_training": FLAGS.backdoor_training} if FLAGS.backdoor_training else {}
     if FLAGS.trigger_pixels:
         attack_config["trigger_pixels"] = FLAGS.trigger_pixels
     cfg = ExperimentConfig(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=FLAGS.model,
@@ -61,7 +58,7 @@ def main(argv):
                            lr=FLAGS.lr, seed=FLAGS.seed, eval_every=FLAGS.eval_every, attack=FLAGS.attack,
                            train_subset=FLAGS.train_subset, attack_config=attack_config)
     client = FLAGS.num_clients - 1 if FLAGS.client is None else FLAGS.client
-    out = {"config": dataclasses.asdict(cfg) | {"client": client}, "evaluations": []}
+    out = {"config": recorded_config(cfg) | {"client": client}, "evaluations": []}
     if os.path.dirname(FLAGS.output):
         os.makedirs(os.path.dirname(FLAGS.output), exist_ok=True)
 

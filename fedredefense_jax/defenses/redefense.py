@@ -111,7 +111,7 @@ PROGRESS_AFTER_S = 30.0
 VARIANT_CAPS = {"continuous": (500, 60), "intermittent": (500, 500)}
 DEFAULT_VARIANT = "dynamic"
 
-VARIANTS = ("dynamic", "continuous", "intermittent")
+VARIANTS = (DEFAULT_VARIANT, "continuous", "intermittent")
 LAYOUTS = ("vmap", "map", "auto")
 
 
