@@ -145,7 +145,7 @@ def validate(cfg: ExperimentConfig) -> None:
     agg = cfg.defense_config.get("aggregator")
     if agg is not None and not callable(agg) and agg not in AGGREGATORS:
         raise ConfigError("redefense_aggregator", f"must be one of {', '.join(AGGREGATORS)}, got {agg!r}")
-    attack = {**_CONFIG_DEFAULTS["attack_config"], **cfg.attack_config}
+    attack = _filled("attack_config", cfg.attack_config)
     if attack["backdoor_training"] not in BACKDOOR_TRAINING:
         raise ConfigError("backdoor_training", f"must be {' or '.join(BACKDOOR_TRAINING)}, "
                           f"got {cfg.attack_config['backdoor_training']!r}")
@@ -345,8 +345,13 @@ def recorded_config(cfg: ExperimentConfig) -> dict:
     return _with_defaults(jsonable(dataclasses.asdict(cfg)))
 
 
+def _filled(key: str, given: dict | None) -> dict:
+    """``given`` (an attack_config or defense_config) with the defaults it leaves out."""
+    return {**_CONFIG_DEFAULTS[key], **(given or {})}
+
+
 def _with_defaults(config: dict) -> dict:
-    return {**config, **{key: {**defaults, **(config.get(key) or {})} for key, defaults in _CONFIG_DEFAULTS.items()}}
+    return {**config, **{key: _filled(key, config.get(key)) for key in _CONFIG_DEFAULTS}}
 
 
 def _comparable(config: dict) -> dict:

@@ -41,6 +41,7 @@ def _run_cli(*args, timeout=300):
     (["--num_clients=10", "--num_malicious=2", "--train_subset=5"], "train_subset"),
     (["--defense=flcert", "--flcert_groups=0"], "flcert_groups"),
     (["--attack=adaptive_label_flip", "--adaptive_step_min=0"], "adaptive_step_min"),
+    (["--attack=adaptive_label_flip", "--adaptive_delta_init=-1"], "adaptive_delta_init"),
 ])
 def test_bad_flags_fail_in_one_line(args, flag, tmp_path):
     r = _run_cli(*args, f"--output_dir={tmp_path / 'out'}")
