@@ -31,8 +31,7 @@ flags.DEFINE_integer("train_subset", None, "Training images used before the spli
 flags.DEFINE_integer("seed", 0, "Seed of the split, the initial model and the shuffling.")
 flags.DEFINE_integer("client", None, "Malicious client id (unset = the last one).")
 flags.DEFINE_string("attack", "scaling", "scaling or dba.")
-flags.DEFINE_enum("backdoor_training", None, ["alternating", "mixed"],
-                  "Local backdoor schedule (unset = alternating).")
+flags.DEFINE_string("backdoor_training", None, "Local backdoor schedule: alternating (unset) or mixed.")
 flags.DEFINE_list("trigger_pixels", None, "row:col pixels of the trigger (unset = the paper's four).")
 flags.DEFINE_integer("rounds", 50, "Local rounds (each: the attack's schedule over E epochs).")
 flags.DEFINE_integer("local_epochs", 1, "Local epochs E per round.")

@@ -35,9 +35,9 @@ flags.DEFINE_string("attack", "none", "Attack name (see fedredefense_jax.attacks
 flags.DEFINE_string("defense", "fedavg", "Defense name (see fedredefense_jax.defenses.names()).")
 flags.DEFINE_string("layout", None, "Client batching: vmap, map or chunked; unset = fastest for the backend.")
 flags.DEFINE_float("attack_scale", None, "Scaling factor of MPAF, Scaling and DBA; unset = the paper's 3.")
-flags.DEFINE_enum("backdoor_training", None, ["alternating", "mixed"],
-                  "Scaling / DBA local training: alternating (unset) = a poisoned epoch then a clean one (authors' "
-                  "code); mixed = each epoch over the data plus a poisoned copy, shuffled together.")
+flags.DEFINE_string("backdoor_training", None,
+                    "Scaling / DBA local training: alternating (unset) = a poisoned epoch then a clean one (authors' "
+                    "code); mixed = each epoch over the data plus a poisoned copy, shuffled together.")
 flags.DEFINE_list("trigger_pixels", None,
                   "Scaling / DBA trigger as row:col pixels of channel 0, e.g. 24:24,22:24,24:22,23:23; unset = the "
                   "paper's 26:26,24:26,26:24,25:25 (three of which the paper's Fashion-MNIST CNN cannot see).")
@@ -58,8 +58,8 @@ flags.DEFINE_float("alpha_init", None, "Initial virtual-model LR alpha (Table 7)
 flags.DEFINE_float("lr_alpha", None, "Outer LR of alpha (Table 7).")
 flags.DEFINE_integer("first_cap", None, "Outer-iteration cap at a client's first participation (Table 7 'Initial Round of M').")
 flags.DEFINE_integer("later_cap", None, "Outer-iteration cap later (Table 7 'Upper Bound of M').")
-flags.DEFINE_enum("redefense_variant", None, ["dynamic", "continuous", "intermittent"],
-                  "Optimisation schedule of Appendix B.3; unset = dynamic.")
+flags.DEFINE_string("redefense_variant", None,
+                    "Optimisation schedule of Appendix B.3: dynamic (unset), continuous or intermittent.")
 flags.DEFINE_string("redefense_layout", None, "Reconstruction batching over clients: auto (unset), vmap or map.")
 flags.DEFINE_string("redefense_aggregator", None,
                     "Rule aggregating FedREDefense's kept updates: fedavg (unset), median, trimmed_mean, norm_bound or krum.")

@@ -44,7 +44,8 @@ from fedredefense_jax.attacks import adaptive as adaptive_attack
 from fedredefense_jax.attacks.base import SCALE
 from fedredefense_jax.attacks.data_poisoning import BACKDOOR_TRAINING, DEFAULT_BACKDOOR_TRAINING, parse_trigger_pixels
 from fedredefense_jax.defenses.fltrust import DEFAULT_ROOT_SIZE
-from fedredefense_jax.defenses.redefense import AGGREGATORS, DEFAULT_VARIANT, RedefenseConfig
+from fedredefense_jax.defenses.redefense import AGGREGATORS, DEFAULT_VARIANT, VARIANTS, RedefenseConfig
+from fedredefense_jax.defenses.redefense import LAYOUTS as REDEFENSE_LAYOUTS
 
 
 class ConfigError(ValueError):
@@ -140,8 +141,12 @@ def validate(cfg: ExperimentConfig) -> None:
                           "fldetector assumes full participation (it predicts each client's update from the "
                           "client's update of the previous round; the paper, Appendix B.2, does not run it "
                           f"otherwise), got {cfg.participation_rate}")
-    if cfg.defense_config.get("layout") not in (None, "auto", "vmap", "map"):
-        raise ConfigError("redefense_layout", f"must be auto, vmap or map, got {cfg.defense_config['layout']!r}")
+    if cfg.defense_config.get("variant", DEFAULT_VARIANT) not in VARIANTS:
+        raise ConfigError("redefense_variant", f"must be one of {', '.join(VARIANTS)}, "
+                          f"got {cfg.defense_config['variant']!r}")
+    if cfg.defense_config.get("layout", RedefenseConfig.layout) not in REDEFENSE_LAYOUTS:
+        raise ConfigError("redefense_layout", f"must be one of {', '.join(REDEFENSE_LAYOUTS)}, "
+                          f"got {cfg.defense_config['layout']!r}")
     agg = cfg.defense_config.get("aggregator")
     if agg is not None and not callable(agg) and agg not in AGGREGATORS:
         raise ConfigError("redefense_aggregator", f"must be one of {', '.join(AGGREGATORS)}, got {agg!r}")

@@ -42,6 +42,8 @@ def _run_cli(*args, timeout=300):
     (["--defense=flcert", "--flcert_groups=0"], "flcert_groups"),
     (["--attack=adaptive_label_flip", "--adaptive_step_min=0"], "adaptive_step_min"),
     (["--attack=adaptive_label_flip", "--adaptive_delta_init=-1"], "adaptive_delta_init"),
+    (["--attack=scaling", "--backdoor_training=both"], "backdoor_training"),
+    (["--defense=fedredefense", "--redefense_variant=sometimes"], "redefense_variant"),
 ])
 def test_bad_flags_fail_in_one_line(args, flag, tmp_path):
     r = _run_cli(*args, f"--output_dir={tmp_path / 'out'}")
