@@ -35,6 +35,8 @@ flags.DEFINE_string("attack", "none", "Attack name (see fedredefense_jax.attacks
 flags.DEFINE_string("defense", "fedavg", "Defense name (see fedredefense_jax.defenses.names()).")
 flags.DEFINE_string("layout", None, "Client batching: vmap, map or chunked; unset = fastest for the backend.")
 flags.DEFINE_float("attack_scale", None, "Scaling factor of MPAF, Scaling and DBA; unset = the paper's 3.")
+flags.DEFINE_float("lie_z", None, "LIE's z, fixed; unset = z_max of Appendix A.2, "
+                   "Phi^-1((p - q - s) / (p - q)) with s = floor(p/2 + 1) - q, each round.")
 flags.DEFINE_string("backdoor_training", None,
                     "Scaling / DBA local training: alternating (unset) = a poisoned epoch then a clean one (authors' "
                     "code); mixed = each epoch over the data plus a poisoned copy, shuffled together.")
@@ -65,7 +67,7 @@ flags.DEFINE_string("redefense_aggregator", None,
                     "Rule aggregating FedREDefense's kept updates: fedavg (unset), median, trimmed_mean, norm_bound or krum.")
 
 # Unset flags stay out of the configs: the attack / defense applies its own default.
-_ATTACK_FLAGS = {"attack_scale": "scale", "backdoor_training": "backdoor_training",
+_ATTACK_FLAGS = {"attack_scale": "scale", "lie_z": "lie_z", "backdoor_training": "backdoor_training",
                  "adaptive_delta_init": "delta_init", "adaptive_step_min": "step_min",
                  "trigger_pixels": "trigger_pixels"}
 _REDEFENSE_FLAGS = {"gamma": "gamma", "inner_steps": "inner_steps", "distill_images_per_class": "images_per_class",

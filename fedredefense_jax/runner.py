@@ -166,6 +166,8 @@ def validate(cfg: ExperimentConfig) -> None:
                               f"{h}x{w} images of {cfg.dataset}")
     if not math.isfinite(attack["scale"]):
         raise ConfigError("attack_scale", "must be finite")
+    if "lie_z" in attack and not math.isfinite(attack["lie_z"]):
+        raise ConfigError("lie_z", "must be finite")
     if not (attack["delta_init"] > 0 and math.isfinite(attack["delta_init"])):
         raise ConfigError("adaptive_delta_init", f"must be a finite number > 0, got {attack['delta_init']}")
     step_min = attack["step_min"]

@@ -73,6 +73,20 @@ def test_lie_matches_numpy_formula_and_ignores_benign_rows():
     np.testing.assert_array_equal(out2[malicious], out[malicious])
 
 
+def test_lie_fixed_z_replaces_the_formula():
+    u, malicious, valid = _planted()
+    g = u[malicious].astype(np.float64)
+    ctx = _ctx(10, 4, lie_z=1.5)
+    a = attacks.make("lie", ctx)
+    out, state = a.apply(a.init(10, None), _input(u, malicious, valid))
+    np.testing.assert_allclose(np.asarray(out)[malicious], np.broadcast_to(g.mean(0) - 1.5 * g.std(0), (4, 12)),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(state)[malicious], 1.5)    # recorded as the round's z
+    assert not np.allclose(out, _run("lie", u, malicious, valid))    # the formula's z differs
+    with pytest.raises(ValueError, match="lie_z must be finite"):
+        attacks.make("lie", _ctx(10, 4, lie_z=float("nan")))
+
+
 def test_lie_degenerate_rounds_are_finite():
     # every participant malicious (p = q), malicious majority (r > 1), p <= 2 (r = 0)
     for p_, q_ in [(5, 5), (10, 7), (2, 1), (1, 1)]:

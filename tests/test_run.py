@@ -36,6 +36,7 @@ def _run_cli(*args, timeout=300):
     (["--defense=fedredefense", "--redefense_layout=wide"], "redefense_layout"),
     (["--lr=inf"], "lr"),
     (["--attack_scale=nan"], "attack_scale"),
+    (["--attack=lie", "--lie_z=inf"], "lie_z"),
     (["--checkpoint_every=0"], "checkpoint_every"),
     (["--attack=sign_flip", "--defense=fedavg", "--batch_size=0"], "batch_size"),
     (["--num_clients=10", "--num_malicious=2", "--train_subset=5"], "train_subset"),

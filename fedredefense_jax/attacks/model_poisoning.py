@@ -27,7 +27,10 @@ All statistics are computed in float32 and cast back to the updates' dtype.
   ``p <= 2``), ``r := 1`` when every participant is malicious (``p = q``), and ``z_max`` is
   clipped to ``[-z_cap, z_cap]`` (``config['lie_z_cap']``, default 3) so that ``Phi^{-1}``'s
   infinities at 0 and 1 never reach the update. ``c = 1`` gives ``sigma = 0``: the crafted
-  update is the client's own genuine update.
+  update is the client's own genuine update. ``config['lie_z']`` fixes ``z`` instead of the
+  formula (for studying the attack's strength; e.g. Baruch et al.'s own ratio
+  ``(p - s) / p`` gives ``Phi^{-1}(77/100) = 0.74`` at ``p = 100, q = 28`` where Appendix
+  A.2's gives 0.47); the fixed value is used as given, not clipped.
 
 * ``min_max`` / ``min_sum`` (Shejwalkar & Houmansadr, NDSS 2021, "Manipulating the
   Byzantine", AGR-agnostic attacks, "std" perturbation): every malicious client sends
@@ -163,13 +166,14 @@ def lie_z_max(p, q, z_cap: float = LIE_Z_CAP):
     return jnp.clip(z, -z_cap, z_cap)
 
 
-@functools.partial(jax.jit, static_argnames=("z_cap",))
-def lie_craft(updates, malicious, valid, z_cap: float = LIE_Z_CAP):
-    """``(crafted[P] = mu - z_max * sigma, z_max)`` from the compromised rows."""
+@functools.partial(jax.jit, static_argnames=("z_cap", "z_fixed"))
+def lie_craft(updates, malicious, valid, z_cap: float = LIE_Z_CAP, z_fixed: float | None = None):
+    """``(crafted[P] = mu - z * sigma, z)`` from the compromised rows; ``z = z_max`` of the
+    round, or ``z_fixed`` when given."""
     x, m, c = _compromised(updates, malicious, valid)
     p = jnp.sum(jnp.asarray(valid, bool).astype(jnp.int32))
     mu, sigma = _mean_std(x, m, c)
-    z = lie_z_max(p, c, z_cap)
+    z = lie_z_max(p, c, z_cap) if z_fixed is None else jnp.float32(z_fixed)
     return mu - z * sigma, z
 
 
@@ -350,9 +354,14 @@ def _coef_attack(name, apply, key_name):
 @register("lie")
 def make_lie(ctx: AttackContext) -> Attack:
     z_cap = float(ctx.config.get("lie_z_cap", LIE_Z_CAP))
+    z_fixed = ctx.config.get("lie_z")
+    if z_fixed is not None:
+        z_fixed = float(z_fixed)
+        if not math.isfinite(z_fixed):
+            raise ValueError(f"lie_z must be finite, got {z_fixed}")
 
     def apply(state, inp: AttackInput):
-        crafted, z = lie_craft(inp.updates, inp.malicious, inp.valid, z_cap=z_cap)
+        crafted, z = lie_craft(inp.updates, inp.malicious, inp.valid, z_cap=z_cap, z_fixed=z_fixed)
         return _finish(inp, crafted), _coef_store(state, inp, z)
 
     return _coef_attack("lie", apply, "z")
