@@ -166,8 +166,9 @@ def validate(cfg: ExperimentConfig) -> None:
                               f"{h}x{w} images of {cfg.dataset}")
     if not math.isfinite(attack["scale"]):
         raise ConfigError("attack_scale", "must be finite")
-    if "lie_z" in attack and not math.isfinite(attack["lie_z"]):
-        raise ConfigError("lie_z", "must be finite")
+    lie_z = attack.get("lie_z")
+    if lie_z is not None and not (isinstance(lie_z, (int, float)) and math.isfinite(lie_z)):
+        raise ConfigError("lie_z", f"must be a finite number, got {lie_z!r}")
     if not (attack["delta_init"] > 0 and math.isfinite(attack["delta_init"])):
         raise ConfigError("adaptive_delta_init", f"must be a finite number > 0, got {attack['delta_init']}")
     step_min = attack["step_min"]

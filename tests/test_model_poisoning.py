@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from fedredefense_jax import attacks
+from fedredefense_jax import attacks, runner
 from fedredefense_jax.attacks import model_poisoning as mp
 
 TAU = mp.TAU
@@ -85,6 +85,9 @@ def test_lie_fixed_z_replaces_the_formula():
     assert not np.allclose(out, _run("lie", u, malicious, valid))    # the formula's z differs
     with pytest.raises(ValueError, match="lie_z must be finite"):
         attacks.make("lie", _ctx(10, 4, lie_z=float("nan")))
+    for bad in ("abc", float("inf")):    # as grid.py's --attack_config=lie_z=... can pass them
+        with pytest.raises(runner.ConfigError, match="--lie_z: must be a finite number"):
+            runner.validate(runner.ExperimentConfig(attack="lie", attack_config={"lie_z": bad}))
 
 
 def test_lie_degenerate_rounds_are_finite():
