@@ -141,12 +141,12 @@ def validate(cfg: ExperimentConfig) -> None:
                           "fldetector assumes full participation (it predicts each client's update from the "
                           "client's update of the previous round; the paper, Appendix B.2, does not run it "
                           f"otherwise), got {cfg.participation_rate}")
-    if cfg.defense_config.get("variant", DEFAULT_VARIANT) not in VARIANTS:
-        raise ConfigError("redefense_variant", f"must be one of {', '.join(VARIANTS)}, "
-                          f"got {cfg.defense_config['variant']!r}")
-    if cfg.defense_config.get("layout", RedefenseConfig.layout) not in REDEFENSE_LAYOUTS:
+    defense = _filled("defense_config", cfg.defense_config)
+    if defense["variant"] not in VARIANTS:
+        raise ConfigError("redefense_variant", f"must be one of {', '.join(VARIANTS)}, got {defense['variant']!r}")
+    if defense["layout"] not in REDEFENSE_LAYOUTS:
         raise ConfigError("redefense_layout", f"must be one of {', '.join(REDEFENSE_LAYOUTS)}, "
-                          f"got {cfg.defense_config['layout']!r}")
+                          f"got {defense['layout']!r}")
     agg = cfg.defense_config.get("aggregator")
     if agg is not None and not callable(agg) and agg not in AGGREGATORS:
         raise ConfigError("redefense_aggregator", f"must be one of {', '.join(AGGREGATORS)}, got {agg!r}")
