@@ -76,16 +76,18 @@ def _device_clients(num_clients: int, data_dir: str | None):
     return cd, cx, cy, cn, np.arange(num_clients, dtype=np.int32)
 
 
-def _median_time(fn, repeats: int) -> tuple[float, float]:
+def _median_time(fn, repeats: int) -> tuple[float, float, object]:
+    """``(median seconds of `repeats` timed calls, seconds of the first (compiling) call, the
+    first call's result)``; with ``repeats == 0`` the median is the first call's time."""
     t = time.perf_counter()
-    jax.block_until_ready(fn())
+    result = jax.block_until_ready(fn())
     first = time.perf_counter() - t
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t)
-    return statistics.median(times), first
+    return (statistics.median(times) if times else first), first, result
 
 
 def _add_speedups(results: dict, time_key: str) -> None:
@@ -118,7 +120,7 @@ def bench_local_training(num_clients, data_dir, model_name, conv_impl, layouts, 
             train = training.make_trainer(apply_fn, unravel, spec.mean, spec.std, layout=name,
                                           chunk=int(chunk or 8))
             fn = lambda train=train: train(w0, cx, cy, cn, ids, keys)  # noqa: E731
-        sec, first = _median_time(fn, repeats)
+        sec, first, _ = _median_time(fn, repeats)
         results[layout] = {"seconds_per_round": sec, "first_call_s": first,
                            "gflops_per_s": total_flops / sec / 1e9}
         print(f"  {layout:12s} {sec:8.2f} s/round  {total_flops / sec / 1e9:6.1f} GFLOP/s  "
@@ -160,7 +162,7 @@ def bench_reconstruction(model_name, conv_impl, num_clients, iters, layouts, rep
         else:
             def fn(rec=rec):
                 return rec.reconstruct(kn, w0, updates, caps, run, early_stop=False).errors
-        sec, first = _median_time(fn, repeats)
+        sec, first, _ = _median_time(fn, repeats)
         results[layout] = {"seconds": sec, "ms_per_client_iteration": 1e3 * sec / (num_clients * iters),
                            "gflops_per_s": total / sec / 1e9, "first_call_s": first}
         print(f"  {layout:6s} {1e3 * sec / (num_clients * iters):8.1f} ms per client-iteration  "
@@ -233,16 +235,7 @@ compiles bucket sizes not met before) and then ``repeats`` timed times.
                 def fn(rec=rec, kn=kn, w=w, u=u, caps=caps):
                     r = rec.reconstruct(kn, w, u, caps, run)
                     return r.errors, r.iterations, r.knowledge
-            t = time.perf_counter()
-            errors, iters, new_k = fn()
-            jax.block_until_ready(new_k)
-            first = time.perf_counter() - t
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                jax.block_until_ready(fn())
-                times.append(time.perf_counter() - t)
-            sec = statistics.median(times) if times else first
+            sec, first, (errors, iters, new_k) = _median_time(fn, repeats)
             work = flops * float(iters.sum())
             res[layout] = {"seconds": sec, "first_call_s": first, "gflops_per_s": work / sec / 1e9,
                            "total_iterations": int(iters.sum()), "iterations": _stats(iters),
