@@ -2,6 +2,7 @@
 
     python experiments/report.py runs/acc_fmnist_cnn_mpaf runs/acc_fmnist_cnn_sign_flip
     python experiments/report.py --curves[=10,20,30] runs/convnet30/fedavg__none runs/convnet30/fedavg__scaling
+    python experiments/report.py --plot=curves.png runs/grid100/fedavg__none runs/grid100/fedavg__min_max
 
 Per run: DACC, FPR, FNR, AAR, AOI; errors (mean +- std) of benign and malicious
 participations, at first participation and over all rounds; outer iterations per client at
@@ -13,6 +14,10 @@ With ``--curves``: one row per run, one column per evaluated round (all of them,
 comma-separated rounds given), each cell the test accuracy in % or, for runs that record an
 attack success rate, ``TACC / ASR / asr_base`` in % (``asr_base``: the same count on images
 without the trigger); ``-`` where the run has no evaluation at that round.
+
+With ``--plot=FILE`` (any format matplotlib writes: .png, .pdf, .svg): the same evaluations
+as a figure, test accuracy (solid) and, where recorded, ASR (dashed) in % against the round,
+one colour per run.
 """
 
 from __future__ import annotations
@@ -106,7 +111,53 @@ def curves_table(run_dirs: list[str], rounds: list[int] | None = None) -> str:
     return "\n".join(lines)
 
 
+def _labels(run_dirs: list[str]) -> list[str]:
+    """Each run's directory name, or its path below the runs' common parent where two names
+    are equal (``runs/a/fedavg__lie`` and ``runs/b/fedavg__lie`` become ``a/...``, ``b/...``)."""
+    names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    if len(set(names)) == len(names):
+        return names
+    common = os.path.commonpath([os.path.abspath(d) for d in run_dirs])
+    return [os.path.relpath(os.path.abspath(d), common) for d in run_dirs]
+
+
+def plot_curves(run_dirs: list[str], path: str):
+    """Writes test accuracy (and ASR, dashed) in % against the round of every run to ``path``;
+    returns the matplotlib figure (its first axes hold one solid line per run, in order)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for d, label in zip(run_dirs, _labels(run_dirs)):
+        ev = evaluations(d)
+        rounds = sorted(ev)
+        line, = ax.plot(rounds, [100 * ev[t]["test_acc"] for t in rounds], label=label)
+        asr = [t for t in rounds if ev[t].get("asr") is not None]
+        if asr:
+            ax.plot(asr, [100 * ev[t]["asr"] for t in asr], "--", color=line.get_color(), label=f"{label} (ASR)")
+    ax.set(xlabel="round", ylabel="%", ylim=(0, 100))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        fig.savefig(path, dpi=120)
+    except ValueError as e:  # unknown extension
+        raise SystemExit(f"report: --plot={path}: {e}") from None
+    return fig
+
+
 def main(argv):
+    if len(argv) > 1 and argv[1].startswith("--plot"):
+        path = argv[1].partition("=")[2]
+        if not path:
+            raise SystemExit("report: --plot needs a file, e.g. --plot=curves.png")
+        if len(argv) < 3:
+            raise SystemExit("report: --plot needs at least one run directory")
+        plot_curves(argv[2:], path)
+        print(f"wrote {path}")
+        return 0
     if len(argv) > 1 and argv[1].startswith("--curves"):
         spec = argv[1].partition("=")[2]
         try:

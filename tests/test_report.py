@@ -58,3 +58,35 @@ def test_summary_sums_round_times_over_a_resumed_run(tmp_path):
     assert cells["wall (last process)"] == "1.5 min"
     assert cells["malicious participations flagged"] == "1 / 2"
     assert cells["malicious iterations first (median / max)"] == "800 / 800"
+
+
+def _module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("report", REPORT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_plot_draws_every_evaluation_of_every_run(tmp_path):
+    a, b = str(tmp_path / "x" / "fedavg__lie"), str(tmp_path / "y" / "fedavg__lie")
+    _write_run(a, [{"round": 1}, {"round": 2, "test_acc": 0.5}, {"round": 4, "test_acc": 0.25}])
+    _write_run(b, [{"round": 2, "test_acc": 0.4, "asr": 0.9, "asr_base": 0.05}, {"round": 3}])
+    fig = _module().plot_curves([a, b], str(tmp_path / "out" / "f.png"))
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == ["x/fedavg__lie", "y/fedavg__lie", "y/fedavg__lie (ASR)"]
+    assert list(lines[0].get_xdata()) == [2, 4] and list(lines[0].get_ydata()) == [50.0, 25.0]
+    assert list(lines[2].get_ydata()) == [90.0] and lines[2].get_linestyle() == "--"
+    with open(tmp_path / "out" / "f.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_errors_name_the_flag(tmp_path):
+    run = str(tmp_path / "r")
+    _write_run(run, [{"round": 1, "test_acc": 0.5}])
+    no_file = _report("--plot", run)
+    assert no_file.returncode != 0 and "--plot needs a file" in no_file.stderr
+    bad = _report(f"--plot={tmp_path / 'f.nope'}", run)
+    assert bad.returncode != 0 and "--plot=" in bad.stderr and "nope" in bad.stderr
+    ok = _report(f"--plot={tmp_path / 'f.svg'}", run)
+    assert ok.returncode == 0 and os.path.getsize(tmp_path / "f.svg") > 0
