@@ -124,11 +124,10 @@ def _labels(run_dirs: list[str]) -> list[str]:
 def plot_curves(run_dirs: list[str], path: str):
     """Writes test accuracy (and ASR, dashed) in % against the round of every run to ``path``;
     returns the matplotlib figure (its first axes hold one solid line per run, in order)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     for d, label in zip(run_dirs, _labels(run_dirs)):
         ev = evaluations(d)
         rounds = sorted(ev)
