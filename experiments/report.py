@@ -148,24 +148,22 @@ def plot_curves(run_dirs: list[str], path: str):
 
 
 def main(argv):
-    if len(argv) > 1 and argv[1].startswith("--plot"):
-        path = argv[1].partition("=")[2]
-        if not path:
+    mode = next((m for m in ("--plot", "--curves") if len(argv) > 1 and argv[1].startswith(m)), None)
+    if mode:
+        value = argv[1].partition("=")[2]
+        if mode == "--plot" and not value:
             raise SystemExit("report: --plot needs a file, e.g. --plot=curves.png")
-        if len(argv) < 3:
-            raise SystemExit("report: --plot needs at least one run directory")
-        plot_curves(argv[2:], path)
-        print(f"wrote {path}")
-        return 0
-    if len(argv) > 1 and argv[1].startswith("--curves"):
-        spec = argv[1].partition("=")[2]
         try:
-            rounds = [int(t) for t in spec.split(",")] if spec else None
+            rounds = [int(t) for t in value.split(",")] if mode == "--curves" and value else None
         except ValueError:
-            raise SystemExit(f"report: --curves takes comma-separated round numbers, got {spec!r}") from None
+            raise SystemExit(f"report: --curves takes comma-separated round numbers, got {value!r}") from None
         if len(argv) < 3:
-            raise SystemExit("report: --curves needs at least one run directory")
-        print(curves_table(argv[2:], rounds))
+            raise SystemExit(f"report: {mode} needs at least one run directory")
+        if mode == "--plot":
+            plot_curves(argv[2:], value)
+            print(f"wrote {value}")
+        else:
+            print(curves_table(argv[2:], rounds))
         return 0
     runs = [describe(d) for d in argv[1:]]
     if not runs:
