@@ -241,7 +241,7 @@ def main(argv):
         t0 = time.time()
         logging.info("cell %d/%d: %s under %s", i, len(configs), cfg.attack, cfg.defense)
         try:
-            s = run(cfg, progress=False)
+            s = run(cfg, progress=cfg.eval_every)
         except ConfigError as e:
             print(f"error: cell {cfg.defense}:{cfg.attack}: {e}", file=sys.stderr)
             return 2

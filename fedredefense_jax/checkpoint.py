@@ -12,6 +12,7 @@ the previous checkpoint usable.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -62,12 +63,27 @@ def from_tree(tree: dict, template: simulation.SimState) -> simulation.SimState:
     return simulation.SimState(int(tree["round"]), params, key, np.asarray(expelled), defense_state, attack_state)
 
 
+def _not_orbax_info(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_orbax_logging() -> None:
+    """Drops Orbax's log records below WARNING (about 30 INFO lines per save, which would bury
+    the run's own progress lines at ``--verbosity=0``); its warnings and errors still show.
+    Orbax logs through absl's ``absl`` logger, so the filter sits there. Idempotent."""
+    absl_logger = logging.getLogger("absl")
+    if _not_orbax_info not in absl_logger.filters:
+        absl_logger.addFilter(_not_orbax_info)
+
+
 class Checkpointer:
-    """Saves and restores ``SimState`` under ``directory`` (keeps the last ``max_to_keep``)."""
+    """Saves and restores ``SimState`` under ``directory`` (keeps the last ``max_to_keep``).
+    Orbax's INFO logging is silenced (:func:`quiet_orbax_logging`)."""
 
     def __init__(self, directory: str, max_to_keep: int = 2):
         import orbax.checkpoint as ocp
 
+        quiet_orbax_logging()
         self._ocp = ocp
         self.directory = os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(

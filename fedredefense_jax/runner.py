@@ -446,9 +446,11 @@ class _StopRequests:
             signal.signal(sig, old)
 
 
-def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
+def run(cfg: ExperimentConfig, progress: int = 1) -> dict:
     """Runs the experiment, or resumes it from the newest checkpoint in ``output_dir``;
-    returns the summary (also written to ``summary.json``).
+    returns the summary (also written to ``summary.json``). Logs a progress line (round,
+    accuracy when evaluated, seconds per round, ETA) every ``progress`` rounds and at the
+    last; ``progress=0`` (or False) logs none.
 
     Raises ConfigError for bad settings, a mismatched ``output_dir`` or an unusable
     checkpoint, and :class:`Stopped` after SIGINT/SIGTERM (with a checkpoint saved).
@@ -510,7 +512,7 @@ def run(cfg: ExperimentConfig, progress: bool = True) -> dict:
                 if stop.requested:
                     summary["status"] = "stopped"
                 atomic_json(summary_path, summary)
-            if progress:
+            if progress and (t % progress == 0 or t == cfg.rounds):
                 eta = np.median(round_times[-10:]) * (cfg.rounds - t)
                 acc = f"acc {rec['test_acc']:.4f} " if "test_acc" in rec else ""
                 acc += f"asr {rec['asr']:.4f} " if "asr" in rec else ""

@@ -1,7 +1,9 @@
 """Checkpoint and resume: a run killed (SIGKILL) or stopped (SIGTERM) and rerun ends with the
 same summary as an uninterrupted run; a foreign or corrupt output directory is refused."""
 
+import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -172,3 +174,27 @@ def test_state_round_trip_keeps_keys_dtypes_and_structure(tmp_path):
     with pytest.raises(checkpoint.CheckpointError):
         ck.restore(wrong)
     ck.close()
+
+
+def test_orbax_info_is_dropped_and_its_warnings_kept(tmp_path, caplog):
+    state = simulation.SimState(1, jnp.arange(3.0), jax.random.key(0), np.zeros(2, bool), (), ())
+    absl_logger = logging.getLogger("absl")
+
+    def orbax_records():
+        return [r for r in caplog.records if f"{os.sep}orbax{os.sep}" in r.pathname]
+
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
+        ck = checkpoint.Checkpointer(str(tmp_path / "ck"))
+        ck.save(state)
+        assert not [r for r in orbax_records() if r.levelno < logging.WARNING]
+        absl_logger.removeFilter(checkpoint._not_orbax_info)  # control: Orbax does log at INFO
+        try:
+            ck.save(dataclasses.replace(state, round=2))
+        finally:
+            checkpoint.quiet_orbax_logging()
+        assert [r for r in orbax_records() if r.levelno == logging.INFO]
+        ck.close()
+    orbax_path = os.path.join("site-packages", "orbax", "checkpoint", "x.py")
+    warn = logging.LogRecord("absl", logging.WARNING, orbax_path, 1, "w", None, None)
+    ours = logging.LogRecord("absl", logging.INFO, os.path.join("fedredefense_jax", "runner.py"), 1, "i", None, None)
+    assert checkpoint._not_orbax_info(warn) and checkpoint._not_orbax_info(ours)

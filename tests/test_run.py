@@ -1,6 +1,7 @@
 """The entry point and the runner: bad flags fail in one line, a small run writes its outputs."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -62,6 +63,20 @@ def test_corrupt_data_file_fails_in_one_line(tmp_path):
                  "--num_malicious=0", "--rounds=1")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "train-images-idx3-ubyte.gz" in r.stderr
+
+
+def test_progress_lines_every_n_rounds_and_no_orbax_info(tmp_path, caplog):
+    d = tmp_path / "fm"
+    write_idx_dir(d, n_train=160, n_test=40)
+    cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=0, rounds=5, eval_every=2,
+                                  output_dir=str(tmp_path / "out"), batch_size=16)
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
+        runner.run(cfg, progress=2)
+    rounds = [r.args[0] for r in caplog.records if r.getMessage().startswith("round ")]
+    assert rounds == [2, 4, 5]
+    assert "acc " in [r.getMessage() for r in caplog.records if r.getMessage().startswith("round 4/5")][0]
+    orbax = [r for r in caplog.records if f"{os.sep}orbax{os.sep}" in r.pathname]
+    assert not [r for r in orbax if r.levelno < logging.WARNING]
 
 
 def test_small_run_writes_rounds_and_summary(tmp_path):
