@@ -49,6 +49,8 @@ flags.DEFINE_float("adaptive_step_min", None, "Adaptive attacks (Algorithm 3): t
                    "below gamma_att; unset = the paper's 0.125.")
 flags.DEFINE_integer("train_subset", None, "Use this many training images (a seeded uniform subset) before the split; "
                      "unset = all. 30 clients over 18000 Fashion-MNIST images hold ~600 each, as 100 clients over 60000.")
+flags.DEFINE_integer("flame_min_samples", None, "FLAME: HDBSCAN's min_samples; unset = 1 (single linkage). Larger values "
+                     "let identical attacker updates (Min-Sum, Min-Max, LIE) form the densest group.")
 flags.DEFINE_integer("flcert_groups", None, "FLCert: number of client groups, one Median-trained model each (paper: 10).")
 # FedREDefense (unset = the paper's defaults: Section 5.1.4 and Table 7 for the dataset).
 flags.DEFINE_float("gamma", None, "Reconstruction-error threshold (paper: 0.6).")
@@ -74,7 +76,8 @@ _REDEFENSE_FLAGS = {"gamma": "gamma", "inner_steps": "inner_steps", "distill_ima
                     "lr_images": "lr_images", "lr_labels": "lr_labels", "alpha_init": "alpha_init",
                     "lr_alpha": "lr_alpha", "first_cap": "first_cap", "later_cap": "later_cap",
                     "redefense_variant": "variant", "redefense_layout": "layout",
-                    "redefense_aggregator": "aggregator", "flcert_groups": "groups"}
+                    "redefense_aggregator": "aggregator", "flcert_groups": "groups",
+                    "flame_min_samples": "flame_min_samples"}
 
 
 def config_from_flags():

@@ -174,6 +174,9 @@ def validate(cfg: ExperimentConfig) -> None:
     step_min = attack["step_min"]
     if not (step_min > 0 and math.isfinite(step_min)):
         raise ConfigError("adaptive_step_min", f"must be a finite number > 0, got {step_min}")
+    min_samples = cfg.defense_config.get("flame_min_samples")
+    if min_samples is not None and not (isinstance(min_samples, (int, np.integer)) and min_samples >= 1):
+        raise ConfigError("flame_min_samples", f"must be an integer >= 1, got {min_samples!r}")
     groups = cfg.defense_config.get("groups")
     if groups is not None and not 1 <= groups <= cfg.num_clients:
         raise ConfigError("flcert_groups", f"must be in [1, num_clients={cfg.num_clients}], got {groups}")

@@ -245,6 +245,29 @@ def test_flame_cosine_distances_match_float64():
     np.testing.assert_allclose(d[np.ix_(cand, cand)], ref, atol=1e-5)
 
 
+def test_majority_cluster_min_samples_decides_identical_copies():
+    # 21 benign points chained 1 apart, 8 identical copies 1.2 off the chain's middle (the
+    # shape of a Min-Sum round: benign updates chain tightly, the copies hang off them).
+    pts = np.array([(i, 0.0) for i in range(21)] + [(10.0, 1.2)] * 8)
+    d = np.linalg.norm(pts[:, None] - pts[None], axis=-1)
+    single = flame_lib.majority_cluster(d)  # min_samples 1: the copies leave first
+    assert single[:21].all() and not single[21:].any()
+    dense = flame_lib.majority_cluster(d, min_samples=4)  # benign core distance 2 > 1.2
+    assert dense[21:].all() and dense[:21].sum() < 21
+    # min_samples above n is clamped, not an error
+    np.testing.assert_array_equal(flame_lib.majority_cluster(np.zeros((3, 3)), min_samples=50), [True] * 3)
+
+
+def test_flame_min_samples_from_the_config(monkeypatch):
+    seen = []
+    real = flame_lib.majority_cluster
+    monkeypatch.setattr(flame_lib, "majority_cluster", lambda d, m=1: seen.append(m) or real(d, m))
+    u, valid, w0 = flame_round(1)
+    run_rule("flame", u, valid, global_params=w0, c=ctx(num_clients=15))
+    run_rule("flame", u, valid, global_params=w0, c=ctx(num_clients=15, config={"flame_min_samples": 4}))
+    assert seen == [1, 4]
+
+
 def test_majority_cluster_edge_sizes():
     assert flame_lib.majority_cluster(np.zeros((0, 0))).shape == (0,)
     np.testing.assert_array_equal(flame_lib.majority_cluster(np.zeros((1, 1))), [True])

@@ -42,6 +42,7 @@ def _run_cli(*args, timeout=300):
     (["--attack=sign_flip", "--defense=fedavg", "--batch_size=0"], "batch_size"),
     (["--num_clients=10", "--num_malicious=2", "--train_subset=5"], "train_subset"),
     (["--defense=flcert", "--flcert_groups=0"], "flcert_groups"),
+    (["--defense=flame", "--flame_min_samples=0"], "flame_min_samples"),
     (["--attack=adaptive_label_flip", "--adaptive_step_min=0"], "adaptive_step_min"),
     (["--attack=adaptive_label_flip", "--adaptive_delta_init=-1"], "adaptive_delta_init"),
     (["--attack=scaling", "--backdoor_training=both"], "backdoor_training"),

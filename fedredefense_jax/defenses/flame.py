@@ -6,13 +6,19 @@ ignored and get weight 0), local models ``W_i = w + g_i`` (``w`` the global mode
 
     c_ij = 1 - cos(W_i, W_j)                               cosine distances  [n, n]
     labels = HDBSCAN(c, metric='precomputed', min_cluster_size = n//2 + 1,
-                     min_samples = 1, allow_single_cluster = True)
+                     min_samples = m, allow_single_cluster = True)
     A = members of the largest cluster (noise points, label -1, are excluded)
     e_i = ||W_i - w|| = ||g_i||,    S_t = median(e_1 .. e_n)         (all n candidates)
     g = 1/|A| sum_{i in A} g_i * min(1, S_t / e_i)  +  N(0, sigma^2 I),  sigma = lambda S_t
 
 ``lambda = 0.001``, FLAME's noise level factor for image classification (the paper's
 datasets; FLAME uses 0.01 for word prediction), ``config['flame_lambda']`` overrides it.
+``m = 1`` (single linkage on the distances themselves), ``config['flame_min_samples']``
+overrides it (clamped to ``n``). The choice decides attacks that send one update from every
+attacker: with ``m = 1`` the identical copies are admitted only through their distance to
+the nearest benign model; with ``m > 1`` their core distance is 0 while benign core
+distances grow, so the copies become the densest group and outlast the benign models
+(measured for Min-Sum in results/README.md, "FLAME and Min-Sum").
 With ``min_cluster_size > n/2`` at most one cluster exists; ``allow_single_cluster`` lets
 HDBSCAN return it (without it scikit-learn never selects the root cluster and would call
 a single benign majority noise). When that single cluster is selected, scikit-learn labels
@@ -51,6 +57,8 @@ from fedredefense_jax.defenses.robust import (
 
 #: FLAME's noise level factor for image classification.
 DEFAULT_LAMBDA = 0.001
+#: HDBSCAN's min_samples (1: single linkage on the cosine distances).
+DEFAULT_MIN_SAMPLES = 1
 
 
 @jax.jit
@@ -72,9 +80,9 @@ def cosine_distances(global_params: jax.Array, updates: jax.Array, cand: jax.Arr
     return jnp.clip(pairwise_sq_dists(u) / 2, 0.0, 2.0)
 
 
-def majority_cluster(dist: np.ndarray) -> np.ndarray:
+def majority_cluster(dist: np.ndarray, min_samples: int = 1) -> np.ndarray:
     """``[n, n]`` precomputed distances -> ``[n]`` bool, members of the largest HDBSCAN
-    cluster (``min_cluster_size = n//2 + 1``, ``min_samples = 1``,
+    cluster (``min_cluster_size = n//2 + 1``, ``min_samples`` clamped to ``n``,
     ``allow_single_cluster``). ``n = 0``: empty; ``n = 1``: ``[True]``."""
     from sklearn.cluster import HDBSCAN
 
@@ -86,7 +94,7 @@ def majority_cluster(dist: np.ndarray) -> np.ndarray:
     np.fill_diagonal(d, 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # sklearn's `copy` default change
-        labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed",
+        labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=min(min_samples, n), metric="precomputed",
                          allow_single_cluster=True).fit(d).labels_
     clustered = labels[labels >= 0]
     if clustered.size == 0:
@@ -116,10 +124,12 @@ def flame_aggregate(updates: jax.Array, cand: jax.Array, kept: jax.Array, key: j
 
 @register("flame")
 def make_flame(ctx: DefenseContext) -> Defense:
-    """FLAME with ``lambda = config.get('flame_lambda', 0.001)``. ``weights``: 1 for the
+    """FLAME with ``lambda = config.get('flame_lambda', 0.001)`` and HDBSCAN's
+    ``min_samples = config.get('flame_min_samples', 1)``. ``weights``: 1 for the
     admitted slots. ``info``: ``nonfinite`` ``[S]``, ``clip_bound`` (``S_t``),
     ``noise_sigma``."""
     lam = float((ctx.config or {}).get("flame_lambda") or DEFAULT_LAMBDA)
+    min_samples = int((ctx.config or {}).get("flame_min_samples") or DEFAULT_MIN_SAMPLES)
 
     init = no_state
 
@@ -132,7 +142,7 @@ def make_flame(ctx: DefenseContext) -> Defense:
         kept = np.zeros(cand_np.shape, bool)
         if idx.size:
             dist = np.asarray(cosine_distances(jnp.asarray(inp.global_params), updates, cand))
-            kept[idx] = majority_cluster(dist[np.ix_(idx, idx)])
+            kept[idx] = majority_cluster(dist[np.ix_(idx, idx)], min_samples)
         agg, bound, sigma = flame_aggregate(updates, cand, jnp.asarray(kept), inp.key,
                                             jnp.float32(lam))
         out = DefenseOutput(
