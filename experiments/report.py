@@ -4,7 +4,8 @@
     python experiments/report.py --curves[=10,20,30] runs/convnet30/fedavg__none runs/convnet30/fedavg__scaling
     python experiments/report.py --plot=curves.png runs/grid100/fedavg__none runs/grid100/fedavg__min_max
 
-Per run: DACC, FPR, FNR, AAR, AOI; errors (mean +- std) of benign and malicious
+Per run: DACC, FPR, FNR (final labels), AAR, ADACC / AFPR / AFNR (averaged over rounds:
+what describes a per-round filter such as FLAME, which never expels), AOI; errors (mean +- std) of benign and malicious
 participations, at first participation and over all rounds; outer iterations per client at
 first participation and later (median / max), benign and malicious; malicious participations
 flagged; final test accuracy; the summed round times (resumed runs included), the last
@@ -64,6 +65,7 @@ def describe(run_dir: str) -> dict:
         "run": os.path.basename(run_dir.rstrip("/")),
         "rounds": s.get("rounds_done"),
         "DACC": det.get("dacc"), "FPR": det.get("fpr"), "FNR": det.get("fnr"), "AAR": det.get("aar"),
+        "ADACC": det.get("adacc"), "AFPR": det.get("afpr"), "AFNR": det.get("afnr"),
         "AOI": det.get("aoi"),
         "benign error (first)": _pm(det.get("error_first_benign")),
         "malicious error (first)": _pm(det.get("error_first_malicious")),
@@ -79,6 +81,9 @@ def describe(run_dir: str) -> dict:
                                        f"{np.median([r['detection_s'] for r in rows]):.1f}",
         "round-1 detect s": f"{rows[0]['detection_s']:.0f}" if rows else "-",
     }
+
+
+PERCENT = ("DACC", "FPR", "FNR", "ADACC", "AFPR", "AFNR")
 
 
 def _fmt(v) -> str:
@@ -173,7 +178,7 @@ def main(argv):
     print("| | " + " | ".join(r["run"] for r in runs) + " |")
     print("| --- |" + " --- |" * len(runs))
     for k in keys[1:]:
-        print(f"| {k} | " + " | ".join(_fmt(r[k]) if k in ("DACC", "FPR", "FNR") else
+        print(f"| {k} | " + " | ".join(_fmt(r[k]) if k in PERCENT else
                                        (str(r[k]) if not isinstance(r[k], float) else f"{r[k]:.4g}")
                                        for r in runs) + " |")
     return 0

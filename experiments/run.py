@@ -49,8 +49,9 @@ flags.DEFINE_float("adaptive_step_min", None, "Adaptive attacks (Algorithm 3): t
                    "below gamma_att; unset = the paper's 0.125.")
 flags.DEFINE_integer("train_subset", None, "Use this many training images (a seeded uniform subset) before the split; "
                      "unset = all. 30 clients over 18000 Fashion-MNIST images hold ~600 each, as 100 clients over 60000.")
-flags.DEFINE_integer("flame_min_samples", None, "FLAME: HDBSCAN's min_samples; unset = 1 (single linkage). Larger values "
-                     "let identical attacker updates (Min-Sum, Min-Max, LIE) form the densest group.")
+flags.DEFINE_integer("flame_min_samples", None, "FLAME: HDBSCAN's min_samples; unset = 1 (single linkage). "
+                     "num_clients // 2 + 1 matches the paper's Table 8; large values let identical attacker "
+                     "updates (Min-Sum, Min-Max, LIE) outlast the benign ones.")
 flags.DEFINE_integer("flcert_groups", None, "FLCert: number of client groups, one Median-trained model each (paper: 10).")
 # FedREDefense (unset = the paper's defaults: Section 5.1.4 and Table 7 for the dataset).
 flags.DEFINE_float("gamma", None, "Reconstruction-error threshold (paper: 0.6).")

@@ -50,7 +50,8 @@ def test_summary_sums_round_times_over_a_resumed_run(tmp_path):
                      row | {"round": 2, "flagged": [], "round_s": 60.0}])
     with open(os.path.join(run, "summary.json"), "w") as f:
         json.dump({"rounds_done": 2, "wall_s": 90.0, "seconds_per_round_median": 1830.0,
-                   "detection": {"dacc": 1.0, "fpr": 0.0, "fnr": 0.0, "aar": 0}}, f)
+                   "detection": {"dacc": 1.0, "fpr": 0.0, "fnr": 0.0, "aar": 0,
+                                 "adacc": 0.2667, "afpr": 0.6364, "afnr": 1.0}}, f)
     out = _report(run)
     assert out.returncode == 0, out.stderr
     cells = dict(line.strip("| ").split(" | ") for line in out.stdout.strip().splitlines()[2:])
@@ -58,6 +59,7 @@ def test_summary_sums_round_times_over_a_resumed_run(tmp_path):
     assert cells["wall (last process)"] == "1.5 min"
     assert cells["malicious participations flagged"] == "1 / 2"
     assert cells["malicious iterations first (median / max)"] == "800 / 800"
+    assert (cells["ADACC"], cells["AFPR"], cells["AFNR"]) == ("26.7 %", "63.6 %", "100.0 %")
 
 
 def _module():
