@@ -5,7 +5,11 @@ import jax
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-jax.config.update("jax_platforms", "cpu")
+# Tests run on the CPU unless FEDREDEFENSE_TEST_PLATFORM names another JAX platform ("" = JAX's
+# default, e.g. the GPU): experiments/gpu_check.sh runs the numerical tests on an accelerator.
+_PLATFORM = os.environ.get("FEDREDEFENSE_TEST_PLATFORM", "cpu")
+if _PLATFORM:
+    jax.config.update("jax_platforms", _PLATFORM)
 
 SHARED_DATA = os.environ.get("FEDREDEFENSE_DATA")
 
