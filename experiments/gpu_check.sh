@@ -11,6 +11,7 @@
 # packs its results: $OUT/log.txt, $OUT/bench_*.json, $OUT/runs.tgz.
 #
 #   DATA=path/to/fashion_mnist BUDGET_S=500 bash experiments/gpu_check.sh
+# (pytest-xdist is needed for step 2; the GPU image has it.)
 # A CPU dry run at toy size: SMALL=1 DATA=../shared/data/fashion_mnist bash experiments/gpu_check.sh
 set -u
 OUT=${OUT:-gpu_out}
