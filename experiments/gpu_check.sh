@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every accelerator check in one call, for a short lease on a GPU machine:
+# Every accelerator check in one call, within a fixed time budget on a GPU machine:
 #   1. environment (devices, versions, whether float32 matmuls run as TF32);
 #   2. the numerical test files on the accelerator;
 #   3. the benchmarks (local training, reconstruction, a whole detection round; paper CNN and

@@ -34,7 +34,7 @@ def main(argv):
     for defense in FLAGS.defenses or sorted(defenses.names()):
         cfg = runner.ExperimentConfig(data_dir=FLAGS.data_dir, num_clients=FLAGS.num_clients,
                                       num_malicious=FLAGS.num_malicious, defense=defense,
-                                      participation_rate=FLAGS.participation_rate, output_dir="/tmp/unused")
+                                      participation_rate=FLAGS.participation_rate)
         setup = runner.build(cfg)
         fed = setup.federation
         ctx = attacks.AttackContext(cfg.num_clients, cfg.num_malicious, fed.init_params, defense, {})

@@ -73,7 +73,7 @@ def test_run_py_resumes_a_grid_cell_and_refuses_other_settings(data, tmp_path):
     cfg_path = os.path.join(cell, "config.json")
     cfg = json.load(open(cfg_path))
     assert cfg["attack_config"]["scale"] == 3.0 and cfg["defense_config"]["variant"] == "dynamic"
-    # Grids before session 28 recorded them empty: such a cell still resumes.
+    # Grids written by older versions recorded them empty: such a cell still resumes.
     with open(cfg_path, "w") as f:
         json.dump({**cfg, "attack_config": {}, "defense_config": {}}, f)
     r = _grid(*run, "--rounds=3")
