@@ -14,7 +14,7 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "fashion_mnist", "fashion_mnist, cifar10 or cinic10.")
-flags.DEFINE_string("data_dir", None, "IDX directory, image-folder tree or .tar.gz; unset = TFDS (needs .[tfds]).")
+flags.DEFINE_string("data_dir", None, "IDX dir, image-folder tree/.tar.gz or cifar-10-python.tar.gz; unset = download into the cache.")
 flags.DEFINE_string("model", "cnn", "cnn (the paper's Tables 5/6) or convnet (the authors' scripts).")
 flags.DEFINE_string("conv_impl", "auto", "Convolution implementation: auto, xla or matmul.")
 flags.DEFINE_integer("num_clients", 100, "Number of clients p.")

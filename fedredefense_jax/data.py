@@ -1,7 +1,7 @@
 """Dataset loading for Fashion-MNIST, CIFAR-10 and CINIC-10.
 
 All loaders return a :class:`Dataset` whose images are ``uint8 [N, H, W, C]``
-and whose labels are ``int32 [N]``.  Three sources are supported:
+and whose labels are ``int32 [N]``.  Sources:
 
 1. ``data_dir`` is a directory holding the four official Fashion-MNIST IDX
    files (gzipped or not).  They are parsed with numpy.
@@ -9,8 +9,17 @@ and whose labels are ``int32 [N]``.  Three sources are supported:
    or a tar archive (``.tar.gz`` / ``.tgz`` / ``.tar``) holding such a tree,
    optionally below a single top-level folder.  Archives are streamed, never
    extracted to disk.  Decoded arrays are cached as an uncompressed ``.npz``.
-3. ``data_dir is None``: TensorFlow Datasets (fashion_mnist, cifar10 only),
-   imported lazily so that importing this module never imports TensorFlow.
+3. CIFAR-10 only: ``data_dir`` is the official "python version" archive
+   ``cifar-10-python.tar.gz``, its extracted ``cifar-10-batches-py``
+   directory, or a directory holding either.  The pickles
+   ``data_batch_1..5`` (train, in that order) and ``test_batch`` are read
+   with a restricted unpickler that only builds numpy arrays.
+4. ``data_dir is None``: the official files are downloaded once into
+   ``<cache>/<dataset>/`` with md5 checks (:mod:`fedredefense_jax.download`;
+   Fashion-MNIST and CIFAR-10 only) and read as in 1 and 3.  Offline, the
+   error names the files to fetch and where to put them.  With
+   ``$FEDREDEFENSE_TFDS=1`` TensorFlow Datasets is used instead, imported
+   lazily so that importing this module never imports TensorFlow.
 
 Every problem with the input data raises :class:`DataError` with a one-line
 message naming the file or directory at fault.
@@ -18,11 +27,13 @@ message naming the file or directory at fault.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import gzip
 import hashlib
 import io
 import os
+import pickle
 import tarfile
 import tempfile
 import warnings
@@ -119,6 +130,16 @@ _IDX_FILES = {
 _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
 
+# CIFAR-10 "python version": pickled batches inside cifar-10-batches-py/.
+_CIFAR_PY_ARCHIVE = "cifar-10-python.tar.gz"
+_CIFAR_PY_DIR = "cifar-10-batches-py"
+_CIFAR_PY_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_PY_TEST = "test_batch"
+_CIFAR_PY_BATCHES = _CIFAR_PY_TRAIN + (_CIFAR_PY_TEST,)
+
+# Set to "1" to load fashion_mnist / cifar10 through TFDS when data_dir is None.
+_TFDS_ENV = "FEDREDEFENSE_TFDS"
+
 _FMNIST_URL = "https://github.com/zalandoresearch/fashion-mnist"
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 _CINIC_URL = "https://datashare.ed.ac.uk/handle/10283/3192"
@@ -195,9 +216,12 @@ def load_dataset(
       name: one of ``SPECS`` ('fashion_mnist', 'cifar10', 'cinic10').
       data_dir: a directory of Fashion-MNIST IDX files, an image-folder tree
         ``<split>/<class>/*.{png,jpg,jpeg}``, a tar archive of such a tree,
-        or None to use TensorFlow Datasets.
-      cache_dir: where decoded image-folder data is cached; default
-        ``$FEDREDEFENSE_CACHE`` or ``~/.cache/fedredefense_jax``.
+        CIFAR-10's ``cifar-10-python.tar.gz`` or ``cifar-10-batches-py``,
+        or None to download the official files into the cache (TFDS
+        instead when ``$FEDREDEFENSE_TFDS=1``).
+      cache_dir: where downloads (``<cache_dir>/<dataset>/``) and decoded
+        image-folder data are kept; default ``$FEDREDEFENSE_CACHE`` or
+        ``~/.cache/fedredefense_jax``.
     Returns:
       a :class:`Dataset` (images ``uint8 [N, H, W, C]``, labels ``int32 [N]``).
     Raises:
@@ -205,10 +229,14 @@ def load_dataset(
     """
     spec = get_spec(name)
     if data_dir is None:
-        return _load_tfds(spec)
+        return _load_without_data_dir(spec, cache_dir)
     path = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
     if not os.path.exists(path):
         raise DataError(f"data_dir does not exist: {path}")
+    if spec.name == "cifar10":
+        cifar_py = _find_cifar_python(path)
+        if cifar_py is not None:
+            return _load_cifar_python(spec, cifar_py)
     if os.path.isdir(path):
         is_tree = _has_splits(path) or _single_subdir_with_splits(path)
         if spec.name == "fashion_mnist" and (_has_idx_files(path) or not is_tree):
@@ -575,6 +603,149 @@ def _load_tree(spec: DatasetSpec, path: str) -> Dataset:
 
 
 # ---------------------------------------------------------------------------
+# Source 3: CIFAR-10 "python version" (pickled batches)
+# ---------------------------------------------------------------------------
+
+
+def _find_cifar_python(path: str) -> str | None:
+    """The CIFAR-10 python archive or batches directory that ``path`` names.
+
+    ``path`` may be the archive itself (any tar whose first batch-or-image
+    member is a batch pickle), a directory holding the pickles
+    (``cifar-10-batches-py``), or a directory holding ``cifar-10-batches-py/``
+    or ``cifar-10-python.tar.gz``.  Returns None for anything else.
+    """
+    if os.path.isfile(path):
+        return path if _is_cifar_python_archive(path) else None
+    for candidate in (path, os.path.join(path, _CIFAR_PY_DIR)):
+        if any(os.path.isfile(os.path.join(candidate, b)) for b in _CIFAR_PY_BATCHES):
+            return candidate
+    archive = os.path.join(path, _CIFAR_PY_ARCHIVE)
+    return archive if os.path.isfile(archive) else None
+
+
+def _is_cifar_python_archive(path: str) -> bool:
+    """True if the tar at ``path`` holds CIFAR-10 batch pickles, not images.
+
+    Reads member headers until the first batch pickle or image file, so only
+    the start of the archive is decompressed.
+    """
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            for member in tf:
+                base = member.name.rstrip("/").rsplit("/", 1)[-1]
+                if member.isfile() and base in _CIFAR_PY_BATCHES:
+                    return True
+                if member.isfile() and _is_image_name(member.name):
+                    return False
+    except (tarfile.TarError, EOFError, OSError, zlib.error):
+        return False  # not a (readable) tar: the image-folder reader reports it
+    return False
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that can only build numpy arrays, dtypes and plain containers.
+
+    The CIFAR-10 batches reference ``numpy.core.multiarray._reconstruct``,
+    ``numpy.ndarray`` and ``numpy.dtype`` (``numpy._core`` when pickled by
+    numpy 2); any other global is refused, so a hostile file cannot run code.
+    """
+
+    _RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's array-rebuilding function
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+        ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+        ("numpy._core.numeric", "_frombuffer"): np._core.numeric._frombuffer,  # protocol 5
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles written by Python 3
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed") from None
+
+
+def _parse_cifar_batch(raw: bytes, num_classes: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Parse one CIFAR-10 python batch.
+
+    Args:
+      raw: the pickle: a dict with ``b"data"`` (``uint8 [n, 3072]``, each row
+        the 1024 red, then green, then blue values of a 32x32 image in row
+        order) and ``b"labels"`` (n ints); str keys are accepted too.
+      num_classes: labels must lie in ``[0, num_classes)``.
+      where: member or file name used in error messages.
+    Returns:
+      (``uint8 [n, 32, 32, 3]``, ``int32 [n]``).
+    """
+    try:
+        batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as e:  # pickle raises many types on bad data
+        raise DataError(f"{where}: not a CIFAR-10 batch pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{where}: expected a dict, got {type(batch).__name__}")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    for key in ("data", "labels"):
+        if key not in batch:
+            raise DataError(f"{where}: no {key!r} entry (keys: {sorted(map(str, batch))})")
+    x = batch["data"]
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        desc = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise DataError(f"{where}: 'data' is {desc}, expected uint8 (N, 3072)")
+    try:
+        y = np.asarray(batch["labels"], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DataError(f"{where}: 'labels' are not integers ({e})") from None
+    if y.shape != (x.shape[0],):
+        raise DataError(f"{where}: {y.size} labels for {x.shape[0]} images")
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise DataError(f"{where}: label {bad} out of range [0, {num_classes})")
+    images = x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), y.astype(np.int32)
+
+
+def _read_cifar_batches(path: str) -> dict[str, tuple[bytes, str]]:
+    """``{batch name: (pickle bytes, name for messages)}`` from an archive or directory."""
+    found: dict[str, tuple[bytes, str]] = {}
+    if os.path.isdir(path):
+        for b in _CIFAR_PY_BATCHES:
+            file = os.path.join(path, b)
+            if not os.path.isfile(file):
+                raise DataError(f"missing CIFAR-10 batch {file}")
+            try:
+                with open(file, "rb") as f:
+                    found[b] = (f.read(), file)
+            except OSError as e:
+                raise DataError(f"cannot read {file}: {e}") from None
+        return found
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            for member in tf:
+                base = member.name.rstrip("/").rsplit("/", 1)[-1]
+                if member.isfile() and base in _CIFAR_PY_BATCHES and base not in found:
+                    found[base] = (tf.extractfile(member).read(), f"{path}:{member.name}")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise DataError(f"cannot read archive {path}: corrupt or truncated ({e})") from None
+    for b in _CIFAR_PY_BATCHES:
+        if b not in found:
+            raise DataError(f"missing member {_CIFAR_PY_DIR}/{b} in archive {path}")
+    return found
+
+
+def _load_cifar_python(spec: DatasetSpec, path: str) -> Dataset:
+    """Load CIFAR-10 from ``cifar-10-python.tar.gz`` or ``cifar-10-batches-py/``."""
+    batches = _read_cifar_batches(path)
+    parsed = {b: _parse_cifar_batch(raw, spec.num_classes, where) for b, (raw, where) in batches.items()}
+    train_x = np.concatenate([parsed[b][0] for b in _CIFAR_PY_TRAIN])
+    train_y = np.concatenate([parsed[b][1] for b in _CIFAR_PY_TRAIN])
+    test_x, test_y = parsed[_CIFAR_PY_TEST]
+    return Dataset(spec, train_x, train_y, test_x, test_y)
+
+
+# ---------------------------------------------------------------------------
 # Cache of decoded image-folder data
 # ---------------------------------------------------------------------------
 
@@ -653,28 +824,42 @@ def _load_tree_cached(spec: DatasetSpec, path: str, cache_dir: str | None) -> Da
 
 
 # ---------------------------------------------------------------------------
-# Source 3: TensorFlow Datasets
+# Source 4: no data_dir (download into the cache, or TensorFlow Datasets)
 # ---------------------------------------------------------------------------
+
+
+def _load_without_data_dir(spec: DatasetSpec, cache_dir: str | None) -> Dataset:
+    """Download the official files into the cache (or use TFDS) and load them."""
+    if spec.name == "cinic10":
+        raise DataError(
+            "cinic10 has no automatic download (its archive is over 700 MB): pass --data_dir "
+            f"with the official CINIC-10 archive (CINIC-10.tar.gz from {_CINIC_URL}) or its "
+            "extracted train/valid/test folder"
+        )
+    if os.environ.get(_TFDS_ENV) == "1":
+        return _load_tfds(spec)
+    from fedredefense_jax import download  # noqa: PLC0415 (download imports this module)
+
+    directory = download.fetch(spec.name, cache_dir)
+    if spec.name == "cifar10":
+        return _load_cifar_python(spec, os.path.join(directory, _CIFAR_PY_ARCHIVE))
+    return _load_idx_dir(spec, directory)
+
 
 
 def _load_tfds(spec: DatasetSpec) -> Dataset:
     """Load fashion_mnist/cifar10 through TFDS (imported lazily)."""
-    if spec.name == "cinic10":
-        raise DataError(
-            "cinic10 is not in TFDS: pass --data_dir with the official CINIC-10 "
-            f"archive (CINIC-10.tar.gz from {_CINIC_URL}) or its extracted "
-            "train/valid/test folder"
-        )
     try:
         import tensorflow  # noqa: F401, PLC0415
         import tensorflow_datasets as tfds  # noqa: PLC0415
     except ImportError as e:
         raise DataError(
-            f"loading {spec.name} without --data_dir needs TensorFlow Datasets "
-            f"({e}): install the extra with `pip install -e .[tfds]` or pass "
+            f"{_TFDS_ENV}=1 loads {spec.name} through TensorFlow Datasets, which needs "
+            f"TensorFlow ({e}): install the extra with `pip install -e .[tfds]`, unset "
+            f"{_TFDS_ENV} to download the official files, or pass "
             "--data_dir pointing at the IDX files / image-folder tree or .tar.gz "
             f"(Fashion-MNIST IDX files: {_FMNIST_URL}; CIFAR-10: {_CIFAR_URL}, "
-            "as a train|test/<class>/*.png tree)"
+            f"{_CIFAR_PY_ARCHIVE} or a train|test/<class>/*.png tree)"
         ) from None
 
     def split(name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -160,16 +160,18 @@ def test_missing_data_dir(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# TFDS fallbacks (no network, no TensorFlow needed)
+# No data_dir: TFDS on request, CINIC-10 (no network, no TensorFlow needed;
+# downloads are tested in test_download.py)
 # ---------------------------------------------------------------------------
 
 
 def test_tfds_missing_tensorflow(monkeypatch):
+    monkeypatch.setenv("FEDREDEFENSE_TFDS", "1")
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # import -> ImportError
     with pytest.raises(DataError) as e:
         load_dataset("cifar10")
     msg = one_line(e)
-    assert "pip install -e .[tfds]" in msg and "--data_dir" in msg
+    assert "pip install -e .[tfds]" in msg and "--data_dir" in msg and "FEDREDEFENSE_TFDS" in msg
 
 
 def test_cinic_needs_data_dir():
