@@ -140,9 +140,10 @@ def excluded_share(path: str) -> float | None:
     try:
         with open(os.path.join(path, "rounds.jsonl")) as f:
             for line in f:
-                w = json.loads(line)["weights"]
-                total += len(w)
-                kept += sum(1 for x in w if x > 0)
+                rec = json.loads(line)
+                agg = rec.get("aggregated", [x > 0 for x in rec["weights"]])
+                total += len(agg)
+                kept += sum(agg)
     except (OSError, ValueError, KeyError):
         return None
     return (total - kept) / total if total else None

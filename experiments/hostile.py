@@ -48,8 +48,8 @@ def main(argv):
                     state, rec = simulation.step(f, state)
                     mal += len(rec["malicious"])
                     flagged += len(set(rec["flagged"]) & set(rec["malicious"]))
-                    weight = dict(zip(rec["participants"], rec["weights"]))
-                    excluded += sum(weight[c] == 0 for c in rec["malicious"])
+                    aggregated = dict(zip(rec["participants"], rec["aggregated"]))
+                    excluded += sum(not aggregated[c] for c in rec["malicious"])
                     finite &= rec["global_finite"]
                 acc = training.accuracy(setup.predict, state.params, setup.dataset.test_x, setup.dataset.test_y)
                 outcome = (f"flagged and expelled {flagged}/{mal}" if flagged else

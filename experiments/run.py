@@ -43,6 +43,12 @@ flags.DEFINE_string("backdoor_training", None,
 flags.DEFINE_list("trigger_pixels", None,
                   "Scaling / DBA trigger as row:col pixels of channel 0, e.g. 24:24,22:24,24:22,23:23; unset = the "
                   "paper's 26:26,24:26,26:24,25:25 (three of which the paper's Fashion-MNIST CNN cannot see).")
+flags.DEFINE_enum("lone_attacker", None, ["zero", "genuine"],
+                  "LIE, Min-Max, Min-Sum, Fang with one compromised participant in its pool: zero (unset) = send "
+                  "the zero update (the authors' code); genuine = the formulas on one update (its genuine update).")
+flags.DEFINE_enum("min_sum_bound", None, ["min", "max"],
+                  "Min-Sum's bound on the summed squared distances: min (unset) = the minimum over the compromised "
+                  "updates of their summed distances to the others (the authors' and Shejwalkar's code); max.")
 flags.DEFINE_float("adaptive_delta_init", None, "Adaptive attacks (Algorithm 3): initial step delta_init of the scale "
                    "search; unset = the paper's 2.")
 flags.DEFINE_float("adaptive_step_min", None, "Adaptive attacks (Algorithm 3): the search stops once the step is "
@@ -72,7 +78,8 @@ flags.DEFINE_string("redefense_aggregator", None,
 # Unset flags stay out of the configs: the attack / defense applies its own default.
 _ATTACK_FLAGS = {"attack_scale": "scale", "lie_z": "lie_z", "backdoor_training": "backdoor_training",
                  "adaptive_delta_init": "delta_init", "adaptive_step_min": "step_min",
-                 "trigger_pixels": "trigger_pixels"}
+                 "trigger_pixels": "trigger_pixels", "lone_attacker": "lone_attacker",
+                 "min_sum_bound": "min_sum_bound"}
 _REDEFENSE_FLAGS = {"gamma": "gamma", "inner_steps": "inner_steps", "distill_images_per_class": "images_per_class",
                     "lr_images": "lr_images", "lr_labels": "lr_labels", "alpha_init": "alpha_init",
                     "lr_alpha": "lr_alpha", "first_cap": "first_cap", "later_cap": "later_cap",

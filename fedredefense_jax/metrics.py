@@ -59,8 +59,9 @@ def detection_metrics(flagged, malicious) -> dict:
 def aar(weights, malicious) -> float:
     """Averaged Aggregated Rounds for malicious clients.
 
-    ``weights[T, C]``: aggregation weight each client got each round (0 = excluded or not
-    participating). AAR = mean over malicious clients of #rounds with weight > 0.
+    ``weights[T, C]``: aggregation weight each client got each round, or whether its update
+    was aggregated (bool; 0 / False = excluded or not participating). AAR = mean over
+    malicious clients of #rounds with weight > 0.
     NaN when there is no malicious client.
     """
     w = np.asarray(weights)
@@ -118,7 +119,8 @@ def per_round_detection(weights, participated, malicious) -> dict:
     """ADACC / AFPR / AFNR (Appendix B.1): per-round DACC/FPR/FNR over the participating
     clients, judged malicious when their weight is 0, averaged over rounds.
 
-    ``weights[T, C]``, ``participated[T, C]`` bool, ``malicious[C]``. A round with no
+    ``weights[T, C]`` (or the bool ``aggregated``), ``participated[T, C]`` bool,
+    ``malicious[C]``. A round with no
     participating benign (malicious) client has an undefined FPR (FNR) and is skipped in
     that average. Returns ``{'adacc', 'afpr', 'afnr', 'dacc', 'fpr', 'fnr'}`` where the
     last three are the ``[T]`` per-round series (NaN where undefined).
@@ -147,16 +149,19 @@ def expelled_clients(flagged, client_ids, valid, num_clients: int) -> np.ndarray
 
 
 def records_to_arrays(records: list[dict], num_clients: int) -> dict:
-    """Per-round records of the simulator (participants, weights and optional per-participant
-    'error' / 'iterations' lists) -> ``[T, C]`` arrays ``participated``, ``weights``,
-    ``error`` (NaN where absent) and ``iterations``."""
+    """Per-round records of the simulator (participants, weights, aggregated and optional
+    per-participant 'error' / 'iterations' lists) -> ``[T, C]`` arrays ``participated``,
+    ``weights``, ``aggregated`` (bool: the update entered the aggregate; records without the
+    field: weight > 0), ``error`` (NaN where absent) and ``iterations``."""
     t = len(records)
     out = {"participated": np.zeros((t, num_clients), bool), "weights": np.zeros((t, num_clients)),
+           "aggregated": np.zeros((t, num_clients), bool),
            "error": np.full((t, num_clients), np.nan), "iterations": np.zeros((t, num_clients))}
     for i, r in enumerate(records):
         ids = np.asarray(r["participants"], int)
         out["participated"][i, ids] = True
         out["weights"][i, ids] = r["weights"]
+        out["aggregated"][i, ids] = r["aggregated"] if "aggregated" in r else np.asarray(r["weights"]) > 0
         if "error" in r:
             out["error"][i, ids] = [np.nan if e is None else e for e in r["error"]]
         if "iterations" in r:
@@ -171,8 +176,8 @@ def summarize(records: list[dict], malicious, expelled) -> dict:
     malicious = np.asarray(malicious, bool)
     arr = records_to_arrays(records, malicious.size)
     out = detection_metrics(expelled, malicious)
-    out["aar"] = aar(arr["weights"], malicious)
-    prd = per_round_detection(arr["weights"], arr["participated"], malicious)
+    out["aar"] = aar(arr["aggregated"], malicious)
+    prd = per_round_detection(arr["aggregated"], arr["participated"], malicious)
     out.update({k: prd[k] for k in ("adacc", "afpr", "afnr")})
     if records and "iterations" in records[0]:
         out["aoi"] = aoi(arr["iterations"], arr["participated"])

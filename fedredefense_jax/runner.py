@@ -43,6 +43,7 @@ from fedredefense_jax import metrics, models, partition, simulation, training
 from fedredefense_jax.attacks import adaptive as adaptive_attack
 from fedredefense_jax.attacks.base import SCALE
 from fedredefense_jax.attacks.data_poisoning import BACKDOOR_TRAINING, DEFAULT_BACKDOOR_TRAINING, parse_trigger_pixels
+from fedredefense_jax.attacks.model_poisoning import LONE_ATTACKER, MIN_SUM_BOUNDS
 from fedredefense_jax.defenses.fltrust import DEFAULT_ROOT_SIZE
 from fedredefense_jax.defenses.redefense import AGGREGATORS, DEFAULT_VARIANT, VARIANTS, RedefenseConfig
 from fedredefense_jax.defenses.redefense import LAYOUTS as REDEFENSE_LAYOUTS
@@ -164,6 +165,10 @@ def validate(cfg: ExperimentConfig) -> None:
         if outside:
             raise ConfigError("trigger_pixels", f"pixel {outside[0][0]}:{outside[0][1]} lies outside the "
                               f"{h}x{w} images of {cfg.dataset}")
+    if attack["lone_attacker"] not in LONE_ATTACKER:
+        raise ConfigError("lone_attacker", f"must be {' or '.join(LONE_ATTACKER)}, got {attack['lone_attacker']!r}")
+    if attack["min_sum_bound"] not in MIN_SUM_BOUNDS:
+        raise ConfigError("min_sum_bound", f"must be {' or '.join(MIN_SUM_BOUNDS)}, got {attack['min_sum_bound']!r}")
     if not math.isfinite(attack["scale"]):
         raise ConfigError("attack_scale", "must be finite")
     lie_z = attack.get("lie_z")
@@ -345,7 +350,8 @@ _OUTPUTS = ("config.json", "rounds.jsonl", "summary.json", "checkpoints")
 # records them filled in; a config with and one without them mean the same run.
 _CONFIG_DEFAULTS = {
     "attack_config": {"scale": SCALE, "backdoor_training": DEFAULT_BACKDOOR_TRAINING,
-                      "delta_init": adaptive_attack.DELTA_INIT, "step_min": adaptive_attack.STEP_MIN},
+                      "delta_init": adaptive_attack.DELTA_INIT, "step_min": adaptive_attack.STEP_MIN,
+                      "lone_attacker": LONE_ATTACKER[0], "min_sum_bound": MIN_SUM_BOUNDS[0]},
     "defense_config": {"variant": DEFAULT_VARIANT, "layout": RedefenseConfig.layout},
 }
 
@@ -483,7 +489,7 @@ def run(cfg: ExperimentConfig, progress: int = 1) -> dict:
                "param_count": int(fed.init_params.size), "status": "running"}
     if setup.asr_base is not None:
         summary["trigger_unseen"] = [list(p) for p in setup.trigger_unseen]
-    keys = ("participants", "weights", "error", "iterations")
+    keys = ("participants", "weights", "aggregated", "error", "iterations")
     records = [{k: r[k] for k in keys if k in r} for r in rows]
     accs = {r["round"]: r["test_acc"] for r in rows if "test_acc" in r}
     asrs = None if setup.asr is None else {r["round"]: r.get("asr") for r in rows if "test_acc" in r}

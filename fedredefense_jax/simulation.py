@@ -194,9 +194,11 @@ def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
 
     t0 = time.perf_counter()
     poison = {} if fed.poison is None else {"poison": fed.poison}
-    start = state.params
+    start, slot_start, groups = state.params, None, None
     if fed.defense.client_models is not None:  # per-slot start models (e.g. FLCert's groups)
-        start = fed.defense.client_models(state.defense_state, state.params, jnp.asarray(ids))
+        start = slot_start = fed.defense.client_models(state.defense_state, state.params, jnp.asarray(ids))
+    if fed.defense.client_groups is not None:
+        groups = jnp.asarray(fed.defense.client_groups(state.defense_state, jnp.asarray(ids)), jnp.int32)
     updates = fed.train(start, fed.client_x, fed.client_y, fed.client_counts, ids,
                         training.client_keys(tkey, ids), **poison)
     updates.block_until_ready()
@@ -210,7 +212,7 @@ def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
             return fed.defense.probe(state.defense_state, defenses_lib.DefenseInput(
                 state.params, jnp.asarray(rows, updates.dtype), jnp.asarray(ids), slots, t, dkey))
     inp = attacks_lib.AttackInput(state.params, updates, jnp.asarray(malicious), jnp.asarray(valid),
-                                  jnp.asarray(ids), t, akey, probe)
+                                  jnp.asarray(ids), t, akey, probe, slot_start, groups)
     crafted, attack_state = fed.attack.apply(state.attack_state, inp)
     updates = check_attack_output(fed.attack.name, crafted, updates)
     attack_info = {} if fed.attack.record is None else fed.attack.record(attack_state, ids)
@@ -237,6 +239,8 @@ def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
         "malicious": ids[valid & fed.malicious[ids]].tolist(),
         "flagged": ids[flagged].tolist(),
         "weights": np.asarray(out.weights)[valid].round(6).tolist(),
+        # whether each participant's update entered the aggregate (weight > 0 before rounding)
+        "aggregated": (np.asarray(out.weights)[valid] > 0).tolist(),
         "train_s": t1 - t0,
         "attack_s": t2 - t1,
         "detection_s": detection_s,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedredefense_jax import defenses, training
+from fedredefense_jax import attacks, defenses, partition, simulation, training
 from fedredefense_jax.defenses import flcert
 import tiny
 
@@ -109,3 +111,43 @@ def test_ensemble_predictor_votes():
     models = np.stack([np.asarray(w0) + rng.normal(0, 0.3, w0.shape) for _ in range(3)]).astype(np.float32)
     each = np.stack([predict(jnp.asarray(m), x) for m in models])
     np.testing.assert_array_equal(predict(jnp.asarray(models), x), training.majority_vote(each))
+
+
+def _capturing(attack):
+    """``attack`` whose ``apply`` also keeps its last input and output (for inspection)."""
+    seen = {}
+
+    def apply(state, inp):
+        out, state = attack.apply(state, inp)
+        seen.update(inp=inp, out=np.asarray(out))
+        return out, state
+
+    return dataclasses.replace(attack, apply=apply), seen
+
+
+def test_attacks_under_flcert_use_their_groups_model_and_pool_by_group():
+    """MPAF crafts ``3 (w0 - w_g)`` from the slot's own group model, and the statistics
+    attacks see each slot's group, as FLCert's evaluation attacks each group."""
+    _, w0, unravel, apply_fn = tiny.tiny_setup()
+    x, y, counts = tiny.tiny_clients([10] * 12)
+    cfg = simulation.FLConfig(12, 6, batch_size=5, lr=0.1)
+    ctx = defenses.DefenseContext(apply_fn, unravel, 12, 6, 10, (10, 10, 1), "fashion_mnist", w0, {"groups": 3})
+    rule = defenses.make("flcert", ctx)
+    mpaf, seen = _capturing(attacks.make("mpaf", attacks.AttackContext(12, 6, w0, "flcert", {})))
+    fed = simulation.build_federation(cfg, partition.ClientData(x, y, counts), apply_fn, unravel, w0, (0.5,), (0.25,),
+                                      mpaf, rule)
+    state = simulation.init_state(fed)
+    state, _ = simulation.step(fed, state)                # group models now differ
+    models = np.asarray(state.defense_state.models)
+    assert not np.allclose(models[0], models[1])
+    group = np.asarray(state.defense_state.group)
+    state, rec = simulation.step(fed, state)
+    inp, out = seen["inp"], seen["out"]
+    ids = np.asarray(inp.client_ids)
+    np.testing.assert_array_equal(np.asarray(inp.groups), group[ids])
+    np.testing.assert_array_equal(np.asarray(inp.start_params), models[group[ids]])
+    mal = np.asarray(inp.malicious) & np.asarray(inp.valid)
+    assert mal.sum() == 6
+    np.testing.assert_allclose(out[mal], 3.0 * (np.asarray(w0)[None] - models[group[ids[mal]]]), rtol=1e-5, atol=1e-6)
+    # the simulator's single model (the mean of the groups') is not what MPAF used
+    assert not np.allclose(out[mal][0], 3.0 * (np.asarray(w0) - np.asarray(inp.global_params)), atol=1e-4)

@@ -25,11 +25,16 @@ def _ctx(num_clients, num_malicious, aggregation="fedavg", **config):
     return attacks.AttackContext(num_clients, num_malicious, jnp.zeros(1), aggregation, dict(config))
 
 
-def _run(name, updates, malicious, valid=None, aggregation="fedavg", num_clients=None, num_malicious=None, key=0):
+def _run(name, updates, malicious, valid=None, aggregation="fedavg", num_clients=None, num_malicious=None, key=0,
+         groups=None, **config):
     s = updates.shape[0]
-    ctx = _ctx(num_clients or s, num_malicious if num_malicious is not None else int(np.sum(malicious)), aggregation)
+    ctx = _ctx(num_clients or s, num_malicious if num_malicious is not None else int(np.sum(malicious)), aggregation,
+               **config)
     a = attacks.make(name, ctx)
-    out, _ = a.apply(a.init(s, None), _input(updates, malicious, valid, key))
+    inp = _input(updates, malicious, valid, key)
+    if groups is not None:
+        inp = inp._replace(groups=jnp.asarray(groups, jnp.int32))
+    out, _ = a.apply(a.init(s, None), inp)
     return np.asarray(out)
 
 
@@ -81,7 +86,7 @@ def test_lie_fixed_z_replaces_the_formula():
     out, state = a.apply(a.init(10, None), _input(u, malicious, valid))
     np.testing.assert_allclose(np.asarray(out)[malicious], np.broadcast_to(g.mean(0) - 1.5 * g.std(0), (4, 12)),
                                rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(state)[malicious], 1.5)    # recorded as the round's z
+    np.testing.assert_allclose(np.asarray(state.coef)[malicious], 1.5)    # recorded as the round's z
     assert not np.allclose(out, _run("lie", u, malicious, valid))    # the formula's z differs
     with pytest.raises(ValueError, match="lie_z must be finite"):
         attacks.make("lie", _ctx(10, 4, lie_z=float("nan")))
@@ -95,100 +100,111 @@ def test_lie_degenerate_rounds_are_finite():
     for p_, q_ in [(5, 5), (10, 7), (2, 1), (1, 1)]:
         z = float(mp.lie_z_max(p_, q_))
         assert np.isfinite(z) and abs(z) <= mp.LIE_Z_CAP
-    # one malicious participant: sigma = 0, the crafted update is its genuine update
-    u, malicious, valid = _planted(mal=(3,))
-    out = _run("lie", u, malicious, valid)
-    np.testing.assert_allclose(out[3], u[3], rtol=1e-6)
 
 
 # ---------------------------------------------------------------- Min-Max / Min-Sum
 
 
-def _minmax_ok(gm, g):
-    d_pair = max(np.sum((a - b) ** 2) for a in g for b in g)
-    return max(np.sum((gm - gi) ** 2) for gi in g) <= d_pair * (1 + 1e-6), d_pair
+def _sq(a, b):
+    return float(np.sum((np.asarray(a, np.float64) - b) ** 2))
 
 
-def _minsum_ok(gm, g):
-    thr = max(sum(np.sum((gi - gj) ** 2) for gj in g) for gi in g)
-    return sum(np.sum((gm - gi) ** 2) for gi in g) <= thr * (1 + 1e-6), thr
+def _minmax_threshold(g):
+    return max(_sq(a, b) for a in g for b in g)
 
 
-@pytest.mark.parametrize("rule,check", [("min_max", _minmax_ok), ("min_sum", _minsum_ok)])
-def test_min_max_sum_constraint_holds_and_gamma_is_maximal(rule, check):
+def _minsum_threshold(g, bound):
+    r = [sum(_sq(gi, gj) for gj in g) for gi in g]
+    return min(r) if bound == "min" else max(r)
+
+
+def _minsum_closed_form(g, bound):
+    """gamma_max from the docstring's closed form, in numpy (sample std, as the attack)."""
+    c = len(g)
+    mu, sigma0 = g.mean(0), g.std(0, ddof=0)
+    dev = np.sum((g - mu) ** 2, axis=1)
+    pick = dev.min() if bound == "min" else dev.max()
+    r = np.array([sum(_sq(gi, gj) for gj in g) for gi in g])
+    closed = np.sqrt((c - 1) / c * pick / np.sum(sigma0 ** 2))
+    # the same number written with the bound's r_i only
+    alt = np.sqrt((c - 1) / c * (2 * (r.min() if bound == "min" else r.max()) / r.mean() - 1))
+    np.testing.assert_allclose(closed, alt, rtol=1e-9)
+    return closed
+
+
+@pytest.mark.parametrize("rule,bound", [("min_max", "min"), ("min_sum", "min"), ("min_sum", "max")])
+def test_min_max_sum_constraint_holds_and_gamma_is_maximal(rule, bound):
     for seed in range(3):
         u, malicious, valid = _planted(seed)
-        crafted, gamma = mp.min_max_sum_craft(u, malicious, valid, rule=rule)
+        crafted, gamma = mp.min_max_sum_craft(u, malicious, valid, rule=rule, bound=bound)
         gamma = float(gamma)
         assert 0 < gamma < 2 * mp.GAMMA_INIT - 1   # inside the search range, not capped
         g = u[malicious & valid].astype(np.float64)
-        mu, sigma = g.mean(0), g.std(0, ddof=0)
+        mu, sigma = g.mean(0), g.std(0, ddof=1)      # the authors' torch.std
         np.testing.assert_allclose(np.asarray(crafted), mu - gamma * sigma, rtol=1e-5, atol=1e-5)
-        assert check(mu - gamma * sigma, g)[0]
-        # strictly: gamma + 2 tau violates the constraint (no tolerance)
-        gm = mu - (gamma + 2 * TAU) * sigma
-        if rule == "min_max":
-            assert max(np.sum((gm - gi) ** 2) for gi in g) > check(gm, g)[1]
-        else:
-            assert sum(np.sum((gm - gi) ** 2) for gi in g) > check(gm, g)[1]
+        thr = _minmax_threshold(g) if rule == "min_max" else _minsum_threshold(g, bound)
+
+        def lhs(gm):
+            d = [_sq(gm, gi) for gi in g]
+            return max(d) if rule == "min_max" else sum(d)
+
+        assert lhs(mu - gamma * sigma) <= thr * (1 + 1e-6)
+        assert lhs(mu - (gamma + 2 * TAU) * sigma) > thr     # gamma + 2 tau violates it
+        if rule == "min_sum":
+            assert abs(gamma - _minsum_closed_form(g, bound)) <= 2 * TAU * (1 + 1e-3)
         # through the registry: every malicious valid row gets it, nothing else changes
-        out = _run(rule, u, malicious, valid)
+        out = _run(rule, u, malicious, valid, min_sum_bound=bound)
         mv = malicious & valid
         np.testing.assert_allclose(out[mv], np.broadcast_to(np.asarray(crafted), (mv.sum(), u.shape[1])))
         np.testing.assert_array_equal(out[~mv], u[~mv])
 
 
-def test_min_max_sum_single_attacker_sends_its_genuine_update():
-    u, malicious, valid = _planted(mal=(2,))
-    for rule in ("min_max", "min_sum"):
-        out = _run(rule, u, malicious, valid)
-        assert np.all(np.isfinite(out))
-        np.testing.assert_allclose(out[2], u[2], rtol=1e-6)   # sigma = 0
+def test_min_sum_minimum_bound_keeps_the_update_closer_to_the_mean():
+    u, malicious, valid = _planted(11, s=30, p=200, mal=tuple(range(0, 28, 2)), pad=())
+    _, g_min = mp.min_max_sum_craft(u, malicious, valid, rule="min_sum", bound="min")
+    _, g_max = mp.min_max_sum_craft(u, malicious, valid, rule="min_sum", bound="max")
+    assert 0 < float(g_min) < float(g_max)
+    with pytest.raises(ValueError, match="min_sum_bound"):
+        attacks.make("min_sum", _ctx(10, 4, min_sum_bound="median"))
 
 
 # ---------------------------------------------------------------- Fang (Trimmed Mean)
 
 
-def test_fang_trmean_intervals_and_direction():
-    # columns planted so that each interval lies on the far side of zero
-    g = np.array([[-1.0, -3.0, 2.0, -0.5],
-                  [0.5, -1.0, 3.0, -4.0],
-                  [2.0, 1.0, -0.5, 0.25]], np.float32)
-    benign = np.array([[9.0, 9.0, 9.0, 9.0], [-9.0, -9.0, -9.0, -9.0]], np.float32)
-    u = np.concatenate([benign[:1], g[:2], benign[1:], g[2:], np.zeros((1, 4), np.float32)])
-    malicious = np.array([False, True, True, False, True, False])
-    valid = np.array([True, True, True, True, True, False])
-    out = _run("fang", u, malicious, valid, aggregation="trimmed_mean")
-    mean, w_max, w_min = g.mean(0), g.max(0), g.min(0)
-    s = np.where(mean > 0, 1.0, -1.0)
-    b = 2.0
-    lo = np.where(s < 0, w_max, np.where(w_min > 0, w_min / b, b * w_min))
-    hi = np.where(s < 0, np.where(w_max > 0, b * w_max, w_max / b), w_min)
-    crafted = out[malicious]
-    assert np.all(crafted >= lo - 1e-6) and np.all(crafted <= hi + 1e-6)
-    assert np.all((crafted - mean) * s <= 0)           # against the mean direction
-    assert np.all(np.sign(crafted) == -s)              # planted: the opposite sign
-    assert not np.allclose(crafted[0], crafted[1])     # each malicious client draws its own
-    np.testing.assert_array_equal(out[~malicious], u[~malicious])
-    # another round key, another draw, same intervals
-    out2 = _run("fang", u, malicious, valid, aggregation="trimmed_mean", key=1)
-    assert not np.allclose(out2[malicious], crafted)
-    # a benign row changed does not change the crafted updates
-    u3 = u.copy()
-    u3[0] = np.nan
-    np.testing.assert_array_equal(_run("fang", u3, malicious, valid, aggregation="trimmed_mean")[malicious], crafted)
-
-
-def test_fang_trmean_general_intervals():
-    u, malicious, valid = _planted(4, s=12, p=50, mal=(0, 3, 5, 7, 10), pad=(11,))
+def test_fang_partial_knowledge_matches_the_reference_intervals():
+    u, malicious, valid = _planted(4, s=12, p=400, mal=(0, 3, 5, 7, 10), pad=(11,))
+    u[:, :100] -= 0.6                                    # both signs of the mean occur
+    g = u[malicious & valid].astype(np.float64)
+    mu, sigma = g.mean(0), g.std(0, ddof=1)              # torch.std in the authors' code
+    lo = np.where(mu > 0, mu - 4 * sigma, mu + 3 * sigma)
+    hi = np.where(mu > 0, mu - 3 * sigma, mu + 4 * sigma)
+    assert (mu > 0).any() and (mu <= 0).any()
     out = _run("fang", u, malicious, valid, aggregation="median")
-    lo, hi, s = (np.asarray(v) for v in mp.fang_trmean_bounds(u, malicious, valid))
-    g = u[malicious & valid]
-    assert np.all(out[malicious] >= lo - 1e-6) and np.all(out[malicious] <= hi + 1e-6)
-    assert np.all((out[malicious] - g.mean(0)) * s <= 1e-6)
-    np.testing.assert_array_equal(np.where(s < 0, lo, hi), np.where(s < 0, g.max(0), g.min(0)))
-    np.testing.assert_array_equal(out[~malicious], u[~malicious])
-    assert np.all(np.isfinite(out))
+    mv = malicious & valid
+    crafted = out[mv].astype(np.float64)
+    tol = 1e-5 * (1 + np.abs(mu))
+    assert np.all(crafted >= lo - tol) and np.all(crafted <= hi + tol)           # inside the interval
+    assert np.all((crafted - mu) * np.where(mu > 0, 1.0, -1.0) < 0)                # against the direction
+    # the draws fill the interval (uniform): both halves of it are hit, per client
+    frac = (crafted - lo) / (hi - lo)
+    assert 0.4 < frac.mean() < 0.6 and (frac < 0.1).any() and (frac > 0.9).any()
+    assert len({tuple(np.round(r, 6)) for r in crafted}) == mv.sum()              # fresh per client
+    out2 = _run("fang", u, malicious, valid, aggregation="median", key=1)
+    assert not np.allclose(out2[mv], out[mv])                                      # and per round
+    np.testing.assert_array_equal(out[~mv], u[~mv])
+    lo_j, hi_j, s_j = (np.asarray(v) for v in mp.fang_trim_bounds(u, malicious, valid))
+    np.testing.assert_allclose(lo_j, lo, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(hi_j, hi, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(s_j, np.where(mu > 0, 1.0, -1.0))
+
+
+def test_fang_trim_ignores_benign_rows():
+    u, malicious, valid = _planted(5)
+    out = _run("fang", u, malicious, valid, aggregation="trimmed_mean")
+    u3 = u.copy()
+    u3[~malicious] = np.nan
+    np.testing.assert_array_equal(_run("fang", u3, malicious, valid, aggregation="trimmed_mean")[malicious & valid],
+                                  out[malicious & valid])
 
 
 # ---------------------------------------------------------------- Fang (Krum)
@@ -262,18 +278,63 @@ def test_only_malicious_valid_rows_change_and_benign_rows_are_unread(name, aggre
     np.testing.assert_array_equal(out2[~mv], u2[~mv])
 
 
-@pytest.mark.parametrize("name,aggregation", [("lie", "fedavg"), ("min_max", "fedavg"), ("min_sum", "fedavg"),
-                                              ("fang", "trimmed_mean"), ("fang", "krum")])
-def test_no_malicious_participant_and_single_attacker(name, aggregation):
+STATISTICS = [("lie", "fedavg"), ("min_max", "fedavg"), ("min_sum", "fedavg"), ("fang", "trimmed_mean"),
+              ("fang", "krum")]
+
+
+@pytest.mark.parametrize("name,aggregation", STATISTICS)
+def test_no_malicious_participant_leaves_the_updates(name, aggregation):
     u, _, valid = _planted(2)
     none = np.zeros(u.shape[0], bool)
     none[9] = True                                        # only on a padding slot
     np.testing.assert_array_equal(_run(name, u, none, valid, aggregation=aggregation, num_malicious=1), u)
+
+
+@pytest.mark.parametrize("name,aggregation", STATISTICS)
+def test_a_lone_attacker_sends_zero_as_the_authors_code(name, aggregation):
+    u, _, valid = _planted(2)
     one = np.zeros(u.shape[0], bool)
     one[4] = True
-    out = _run(name, u, one, valid, aggregation=aggregation, num_malicious=1)
-    assert np.all(np.isfinite(out))
+    a = attacks.make(name, _ctx(10, 1, aggregation))
+    inp = _input(u, one, valid)
+    out, state = a.apply(a.init(10, None), inp)
+    out = np.asarray(out)
+    np.testing.assert_array_equal(out[4], 0.0)                                   # the zero update
     np.testing.assert_array_equal(np.delete(out, 4, 0), np.delete(u, 4, 0))
+    rec = a.record(state, inp.client_ids)
+    np.testing.assert_array_equal(np.asarray(rec["lone"]), np.arange(10) == 4)   # recorded
+    for k, v in rec.items():
+        if k != "lone":
+            assert np.isnan(np.asarray(v)).all()                                 # no coefficient
+    # 'genuine': the formulas with one update (sigma = 0) send it unchanged, except Krum's attack
+    genuine = _run(name, u, one, valid, aggregation=aggregation, num_malicious=1, lone_attacker="genuine")
+    assert np.all(np.isfinite(genuine))
+    if aggregation != "krum":
+        np.testing.assert_allclose(genuine[4], u[4], rtol=1e-6)
+    with pytest.raises(ValueError, match="lone_attacker"):
+        attacks.make(name, _ctx(10, 1, aggregation, lone_attacker="skip"))
+
+
+@pytest.mark.parametrize("name,aggregation", STATISTICS)
+def test_attackers_pool_within_their_group(name, aggregation):
+    """Under per-group start models (FLCert) each group's compromised updates are pooled on
+    their own: the crafted rows of a group equal the attack run on that group alone."""
+    u, malicious, valid = _planted(8, s=16, p=10, mal=(1, 2, 3, 9, 11, 12, 14), pad=(15,))
+    groups = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1])
+    groups[14] = 2                                        # group 2: one attacker, alone
+    out = _run(name, u, malicious, valid, aggregation=aggregation, num_clients=16, num_malicious=7, groups=groups)
+    for g in (0, 1):
+        alone = np.where(groups == g, malicious, False)
+        ref = _run(name, u, alone, valid & (groups == g), aggregation=aggregation, num_clients=16, num_malicious=7)
+        rows = alone & valid
+        if name == "fang" and aggregation != "krum":      # a fresh draw per slot: same interval
+            lo, hi, _ = (np.asarray(v) for v in mp.fang_trim_bounds(u, alone, valid & (groups == g)))
+            assert np.all(out[rows] >= lo - 1e-5) and np.all(out[rows] <= hi + 1e-5)
+        else:
+            np.testing.assert_allclose(out[rows], ref[rows], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out[14], 0.0)           # the lone attacker of group 2
+    mv = malicious & valid
+    np.testing.assert_array_equal(out[~mv], u[~mv])
 
 
 @pytest.mark.parametrize("name,aggregation,key", [("lie", "fedavg", "z"), ("min_max", "fedavg", "gamma"),
@@ -289,11 +350,13 @@ def test_round_record_holds_the_coefficient_at_malicious_slots(name, aggregation
         _, want = mp.min_max_sum_craft(inp.updates, inp.malicious, inp.valid, rule=name)
     a = attacks.make(name, _ctx(10, 4, aggregation))
     _, state = a.apply(a.init(10, None), inp)
-    rec = np.asarray(a.record(state, inp.client_ids)[key])
+    record = a.record(state, inp.client_ids)
+    rec = np.asarray(record[key])
     mv = malicious & valid
     assert float(want) > 0
     np.testing.assert_allclose(rec[mv], float(want), rtol=1e-6)
     assert np.all(np.isnan(rec[~mv]))
+    assert not np.asarray(record["lone"]).any()
 
 
 def test_registered():

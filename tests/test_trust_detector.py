@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedredefense_jax import attacks, checkpoint, defenses, partition, runner, simulation, training
+from fedredefense_jax import attacks, checkpoint, defenses, metrics, partition, runner, simulation, training
 from fedredefense_jax.defenses import fldetector as fd
 from fedredefense_jax.defenses import fltrust as ft
 from tiny import tiny_clients, tiny_setup
@@ -216,12 +216,25 @@ def test_fldetector_flags_inconsistent_clients_after_cold_start():
         elif t == 8:
             np.testing.assert_array_equal(flagged, np.arange(10) >= 7)
             assert out.restart and bool(out.info["attack_detected"])
-            np.testing.assert_array_equal(out.weights, np.arange(10) < 7)
+            # the detection round aggregates before judging (FLDetector's code); the restart drops it
+            np.testing.assert_array_equal(out.weights, np.ones(10))
             score = np.asarray(out.info["suspicious_score"])
             assert score[7:].min() > score[:7].max()
         else:  # detection is done once; plain FedAvg afterwards
             assert not flagged.any() and not out.restart
     assert bool(state.detected)
+
+
+def test_fldetector_first_detection_at_cold_start_plus_window_gives_aar_60():
+    """The paper's defaults (cold start 50, window 10): detection at round 60, and a caught
+    attacker was aggregated in rounds 1-60 (Table 1's AAR 60), then never again."""
+    outs, _ = planted_run(0, rounds=63, config={"fldetector_cold_start": 50})     # default window, history
+    detected = [t for t, (_, out) in enumerate(outs, start=1) if out.restart]
+    assert detected == [fd.DEFAULT_COLD_START + fd.DEFAULT_WINDOW] == [60]
+    np.testing.assert_array_equal(outs[59][1].flagged, np.arange(10) >= 7)
+    weights = np.stack([np.asarray(out.weights) for _, out in outs])        # [T, C], ids = slots here
+    weights[60:, 7:] = 0                                                    # expelled: no longer participate
+    assert metrics.aar(weights, np.arange(10) >= 7) == 60
 
 
 def test_fldetector_no_detection_without_attack():

@@ -50,6 +50,11 @@ class AttackInput(NamedTuple):
         'flagged': [S] bool}``: what the defense would decide this round for ``slots`` if
         they sent those rows (the adaptive attacks' threat model: the attacker knows the
         defense, its settings and its state).
+      start_params: None when every slot trained from ``global_params``; else ``[S, P]``,
+        the model each slot trained from (FLCert's group models).
+      groups: None when every slot trained from the same model; else ``[S]`` int32, the
+        pool of each slot: slots of one pool trained from the same model, and the
+        statistics attacks pool the compromised updates within it.
     """
 
     global_params: jax.Array
@@ -60,6 +65,8 @@ class AttackInput(NamedTuple):
     round: int
     key: jax.Array
     probe: Callable | None = None
+    start_params: jax.Array | None = None
+    groups: jax.Array | None = None
 
 
 def _identity_labels(num_classes: int) -> np.ndarray:

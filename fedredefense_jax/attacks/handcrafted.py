@@ -2,7 +2,8 @@
 
 * ``none``: every client honest.
 * ``mpaf`` (Cao & Gong, CVPRW 2022): every malicious client sends
-  ``s * (w_init - w^{t-1})`` (``s = 3``), dragging the global model to the initial one.
+  ``s * (w_init - w^{t-1})`` (``s = 3``), dragging the global model to the initial one;
+  ``w^{t-1}`` is the model the client trained from (under FLCert its group's model).
 * ``sign_flip`` (not in the paper): each malicious client sends ``-g_i``, the negation of
   its own genuine update.
 """
@@ -24,7 +25,8 @@ def make_mpaf(ctx: AttackContext) -> Attack:
     scale = float(ctx.config.get("scale", SCALE))
 
     def apply(state, inp: AttackInput):
-        return replace_malicious(inp, scale * (ctx.init_params - inp.global_params)), state
+        start = inp.global_params if inp.start_params is None else inp.start_params
+        return replace_malicious(inp, scale * (ctx.init_params - start)), state
 
     return Attack("mpaf", no_state, apply)
 

@@ -1,68 +1,94 @@
 """Untargeted model-poisoning attacks of FedREDefense (Xie et al., ICML 2024), Section 2.1 and
-Appendix A.2: LIE, Min-Max, Min-Sum and Fang.
+Appendix A.2: LIE, Min-Max, Min-Sum and Fang, as the paper's authors ran them.
 
 Knowledge (partial, as in the paper's threat model): an attack reads only the *genuine*
 updates of the compromised clients that take part in the round, i.e. the rows ``g_i`` of
 ``updates[S, P]`` whose slot is malicious and valid. Benign rows and padding slots are
 masked out of every statistic with ``jnp.where`` (so not even a NaN in a benign row can
-leak into the crafted update), and only malicious valid rows are rewritten
-(:func:`replace_malicious`). Updates are model deltas ``w_local - w_global``; the attacks
-act on the deltas (the "reference" model of Fang's attacks is the current global model,
-i.e. the zero delta). Notation: ``c`` = number of malicious valid slots in the round
-(``q`` of LIE), ``p`` = number of valid slots (participants), ``d = P``.
+leak into the crafted update), and only malicious valid rows are rewritten. Updates are
+model deltas ``w_local - w_start``. Notation: ``c`` = number of compromised participants
+pooled together, ``p`` = number of participants they are pooled with, ``d = P``.
 
-Shared statistics (over the ``c`` compromised genuine updates):
-``mu = mean_i g_i`` and ``sigma = sqrt(mean_i (g_i - mu)^2)`` per coordinate, i.e. the
-population std (``ddof = 0``; PyTorch's ``std`` default in the original code is ``ddof = 1``).
-With ``ddof = 0`` a single compromised participant (``c = 1``) gives ``sigma = 0`` without
-NaN. A round without a malicious participant (``c = 0``) returns the updates unchanged.
-All statistics are computed in float32 and cast back to the updates' dtype.
+Pooling. Compromised participants pool their genuine updates with those that trained from
+the same model: with one global model, all of the round's compromised participants; under
+FLCert, whose clients train their group's model, the compromised participants of each group
+(``AttackInput.groups``), as FLCert's own evaluation attacks each group (``p`` and ``c`` are
+then counted within the group).
+
+Shared statistics (over the ``c`` pooled genuine updates): ``mu = mean_i g_i`` and the
+per-coordinate standard deviation ``sigma``. Min-Max, Min-Sum and Fang use the sample
+standard deviation (``ddof = 1``, PyTorch's ``torch.std`` in the authors' code); LIE, which
+the authors' code does not contain, keeps the population one (``ddof = 0``). Statistics are
+computed in float32 and cast back to the updates' dtype. A round without a compromised
+participant returns the updates unchanged.
+
+A lone compromised participant (``c = 1``: no standard deviation to estimate). The authors'
+code sends a zero update then (``mal_update = model_re - model_re`` in its Min-Max, Min-Sum,
+Fang and Krum attacks), and so does every attack here by default (``lone_attacker='zero'``);
+``lone_attacker='genuine'`` applies the formulas to the one update instead (``sigma = 0``:
+LIE, Min-Max, Min-Sum and Fang's Trimmed-Mean attack then send the genuine update). With
+partial participation this case is common (participation 0.1 at 100 / 28: about one round
+in eight has exactly one compromised participant). Each round's record marks the
+participants that sent the zero update (``attack_lone``).
 
 * ``lie`` (Baruch et al., NeurIPS 2019, "A little is enough"): every malicious client sends
-  ``mu - z_max * sigma`` with ``z_max = Phi^{-1}((p - q - s) / (p - q))``,
-  ``s = floor(p/2 + 1) - q`` (the largest ``z`` with ``Phi(z) < r`` is ``Phi^{-1}(r)``, the
-  supremum; ``jax.scipy.stats.norm.ppf``). ``p`` and ``q`` are the round's participants and
-  malicious participants. Degenerate rounds: the ratio ``r`` is clipped to ``[0, 1]``
-  (``r > 1`` happens when malicious clients are a majority, ``s < 0``; ``r = 0`` when
-  ``p <= 2``), ``r := 1`` when every participant is malicious (``p = q``), and ``z_max`` is
-  clipped to ``[-z_cap, z_cap]`` (``config['lie_z_cap']``, default 3) so that ``Phi^{-1}``'s
-  infinities at 0 and 1 never reach the update. ``c = 1`` gives ``sigma = 0``: the crafted
-  update is the client's own genuine update. ``config['lie_z']`` fixes ``z`` instead of the
-  formula (for studying the attack's strength; e.g. Baruch et al.'s own ratio
-  ``(p - s) / p`` gives ``Phi^{-1}(77/100) = 0.74`` at ``p = 100, q = 28`` where Appendix
-  A.2's gives 0.47); the fixed value is used as given, not clipped.
+  ``mu - z_max * sigma`` with Appendix A.2's ``z_max = Phi^{-1}((p - q - s) / (p - q))``,
+  ``s = floor(p/2 + 1) - q`` (``q = c``; the largest ``z`` with ``Phi(z) < r`` is
+  ``Phi^{-1}(r)``, the supremum; ``jax.scipy.stats.norm.ppf``). Baruch et al.'s own ratio is
+  ``(p - s) / p`` (``Phi^{-1}(77/100) = 0.74`` at ``p = 100, q = 28``, where Appendix A.2's
+  gives 0.47). Degenerate rounds: the ratio ``r`` is clipped to ``[0, 1]`` (``r > 1`` when
+  malicious clients are a majority, ``s < 0``; ``r = 0`` when ``p <= 2``), ``r := 1`` when
+  every participant is malicious (``p = q``), and ``z_max`` is clipped to ``[-z_cap, z_cap]``
+  (``config['lie_z_cap']``, default 3) so that ``Phi^{-1}``'s infinities never reach the
+  update. ``config['lie_z']`` fixes ``z`` instead of the formula (used as given).
 
 * ``min_max`` / ``min_sum`` (Shejwalkar & Houmansadr, NDSS 2021, "Manipulating the
   Byzantine", AGR-agnostic attacks, "std" perturbation): every malicious client sends
   ``g_m = mu - gamma * sigma`` with the largest ``gamma`` found by the paper's binary search
-  (Algorithm 1; ``gamma_init = 10``, ``tau = 1e-5`` as in the authors' code;
-  ``config['gamma_init']``, ``config['tau']``) such that, over the compromised genuine
-  updates ``g_i``,
+  (``gamma_init = 30``, ``tau = 1e-5``, the authors' ``threshold`` and ``threshold_diff``;
+  ``config['gamma_init']``, ``config['tau']``) such that, over the pooled updates ``g_i``
+  with ``r_i = sum_j ||g_i - g_j||^2``,
 
-      Min-Max:  max_i ||g_m - g_i||      <= max_{i,j} ||g_i - g_j||
-      Min-Sum:  sum_i ||g_m - g_i||^2    <= max_i sum_j ||g_i - g_j||^2
+      Min-Max:  max_i ||g_m - g_i||^2    <= max_{i,j} ||g_i - g_j||^2
+      Min-Sum:  sum_i ||g_m - g_i||^2    <= min_i r_i         (``min_sum_bound='min'``)
+                                         or max_i r_i         (``min_sum_bound='max'``)
 
-  (the paper's Eq.; squared distances are compared for Min-Max, which is equivalent).
+  Min-Sum's bound is the minimum in the authors' code and in Shejwalkar and Houmansadr's
+  released code (the default); ``'max'`` is a looser reading of the paper's equation.
+  Closed form of Min-Sum: the cross term vanishes around the mean, so
+  ``sum_i ||g_m - g_i||^2 = sum_i ||g_i - mu||^2 + c gamma^2 ||sigma||^2`` and
+  ``r_i = c ||g_i - mu||^2 + sum_j ||g_j - mu||^2``; with ``sigma_0`` the population std
+  (``sum_j ||g_j - mu||^2 = c ||sigma_0||^2``) the bound ``R = min_i r_i`` (or ``max_i``)
+  gives ``gamma^2 <= (R / c - ||sigma_0||^2) / ||sigma||^2 = ((c - 1) / c) min_i ||g_i - mu||^2
+  / ||sigma_0||^2`` (``max_i`` for the other bound), i.e.
+  ``gamma^2 <= ((c - 1) / c) (2 min_i r_i / mean_i r_i - 1)``.
   Search: ``gamma = gamma_init, step = gamma_init, succ = 0``; while ``step > tau``: if
   ``gamma`` satisfies the constraint, ``succ = gamma, gamma += step/2``, else
-  ``gamma -= step/2``; ``step /= 2`` (the paper's ``|succ - gamma| > tau`` is the same test:
-  ``gamma - succ = step`` is invariant). Output ``gamma = succ``. Both constraints are
-  convex in ``gamma`` and hold at ``gamma = 0`` (the mean is inside the hull / minimises
-  the sum of squares), so the feasible set is an interval ``[a, b]`` with ``a <= 0 <= b``
-  and the result satisfies ``succ <= b < succ + 2 tau`` -- unless ``b`` exceeds the search
-  range, in which case ``gamma`` stops just below ``2 gamma_init`` (the largest value the
-  algorithm can reach). ``c = 1``: ``sigma = 0``, every ``gamma`` is feasible and the
-  crafted update is the client's own genuine update. Implemented with
-  ``jax.lax.while_loop`` (at most ``max_iter = 100`` iterations).
+  ``gamma -= step/2``; ``step /= 2`` (the paper's ``|succ - gamma| > tau``: ``gamma - succ =
+  step`` is invariant). Output ``gamma = succ``. Both constraints are convex in ``gamma``
+  and hold at ``gamma = 0``, so the feasible set is an interval ``[a, b]`` with
+  ``a <= 0 <= b`` and ``succ <= b < succ + 2 tau``, unless ``b`` exceeds the search range
+  (``gamma`` then stops just below ``2 gamma_init``). ``jax.lax.while_loop``, at most 100
+  iterations.
 
 * ``fang`` (Fang et al., USENIX Security 2020, partial knowledge). ``s = sign(mu)``
-  (``s_j = +1`` when ``mu_j > 0``, ``-1`` otherwise, the paper's "changing direction"
-  estimated from the compromised updates' mean).
+  (``s_j = +1`` when ``mu_j > 0``, ``-1`` otherwise: the "changing direction" estimated from
+  the compromised updates' mean).
 
-  - Against ``'krum'`` (``AttackContext.aggregation == 'krum'``), the Krum attack: every
-    malicious client sends the same ``-lambda * s``. The upper bound is the paper's
-    Eq. (3) evaluated on what the attacker knows (the compromised genuine updates stand in
-    for the benign ones, ``m := p``, ``c := q``, ``D`` Euclidean distance)::
+  - Against every rule but Krum, the partial-knowledge Trimmed-Mean attack (the one the
+    authors' code runs): each malicious client draws its own value per coordinate,
+    uniformly (round key ``AttackInput.key``), from
+
+        s_j < 0:  [mu_j + 3 sigma_j, mu_j + 4 sigma_j]
+        s_j > 0:  [mu_j - 4 sigma_j, mu_j - 3 sigma_j]
+
+    i.e. 3 to 4 standard deviations from the compromised mean, against the direction.
+    (Fang et al.'s full-knowledge variant needs the benign updates' extremes, which this
+    threat model does not grant; it is not offered.)
+  - Against ``'krum'`` (``AttackContext.aggregation``), the Krum attack: every malicious
+    client sends the same ``-lambda * s``. The upper bound is the paper's Eq. (3) evaluated
+    on what the attacker knows (the compromised genuine updates stand in for the benign
+    ones, ``m := p``, ``c := q``, ``D`` Euclidean distance)::
 
         lambda_ub = 1 / ((p - 2c - 1) sqrt(d)) * min_i sum_{l in Gamma_i} D(g_l, g_i)
                     + 1 / sqrt(d) * max_i D(g_i, 0)
@@ -71,49 +97,42 @@ All statistics are computed in float32 and cast back to the updates' dtype.
     the first term is dropped when ``p - 2c - 1 <= 0`` or ``Gamma_i`` is empty. Then
     ``lambda`` is halved until Krum, run over the ``c`` crafted copies plus the ``c``
     compromised genuine updates (the paper's partial-knowledge simulation), selects a
-    crafted copy, or until ``lambda < tau_fang = 1e-5`` (``config['fang_tau']``; the last,
-    sub-threshold ``lambda`` is then used). The simulated Krum scores each of the ``2c``
-    updates by the sum of its ``k`` smallest squared distances to the others, with the
-    server's neighbour count ``k = clip(p - q_s - 2, 1, p - 1)`` (``q_s`` the malicious
-    count the server's Krum is told, ``round(num_malicious * p / num_clients)``, as in
-    ``defenses/robust.py``), clipped to the ``2c - 1`` available neighbours. A crafted copy
-    is selected when its score is ``<=`` the smallest genuine score (ties go to the crafted
-    copies; with ``c = 1`` the two scores always tie, so ``lambda = lambda_ub``).
-  - Against every other rule, the Trimmed-Mean attack (b = 2, ``config['fang_b']``): with
-    ``w_max,j`` / ``w_min,j`` the max / min over the compromised genuine updates, each
-    malicious client draws its own value per coordinate, uniformly (round key
-    ``AttackInput.key``), from
-
-        s_j = -1:  [w_max,j, b * w_max,j]  if w_max,j > 0,  else [w_max,j, w_max,j / b]
-        s_j = +1:  [w_min,j / b, w_min,j]  if w_min,j > 0,  else [b * w_min,j, w_min,j]
-
-    so every crafted value lies at or beyond the compromised extreme, against the
-    direction ``s_j``; its sign is ``-s_j`` exactly when the interval lies on the other
-    side of zero (``w_max,j > 0`` for ``s_j = -1``, ``w_min,j < 0`` for ``s_j = +1``).
+    crafted copy, or until ``lambda < tau_fang = 1e-5`` (``config['fang_tau']``). The
+    simulated Krum scores each of the ``2c`` updates by the sum of its ``k`` smallest
+    squared distances to the others, with the server's neighbour count
+    ``k = clip(p - q_s - 2, 1, p - 1)`` (``q_s`` the malicious count the server's Krum is
+    told, ``round(num_malicious * p / num_clients)``, as in ``defenses/robust.py``), clipped
+    to the ``2c - 1`` available neighbours. A crafted copy is selected when its score is
+    ``<=`` the smallest genuine score.
 
 Each round's record holds the coefficient used, at the malicious participants (null at the
-benign ones): ``attack_z`` (LIE), ``attack_gamma`` (Min-Max / Min-Sum), ``attack_lambda``
-(Fang against Krum; the Trimmed-Mean attack has none).
+benign ones and at lone attackers): ``attack_z`` (LIE), ``attack_gamma`` (Min-Max /
+Min-Sum), ``attack_lambda`` (Fang against Krum; the Trimmed-Mean attack has none), and
+``attack_lone`` (bool) for every statistics attack.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from fedredefense_jax.attacks import register
-from fedredefense_jax.attacks.base import no_state, Attack, AttackContext, AttackInput, replace_malicious
+from fedredefense_jax.attacks.base import Attack, AttackContext, AttackInput
 
 LIE_Z_CAP = 3.0
-GAMMA_INIT = 10.0
+GAMMA_INIT = 30.0
 TAU = 1e-5
 FANG_TAU = 1e-5
-FANG_B = 2.0
-_MAX_ITER = 100      # Min-Max / Min-Sum bisection (needs ~log2(gamma_init / tau) = 20)
+FANG_SIGMAS = (3.0, 4.0)  # Fang's Trimmed-Mean attack: values 3 to 4 standard deviations off the mean
+MIN_SUM_BOUNDS = ("min", "max")
+LONE_ATTACKER = ("zero", "genuine")
+_MAX_ITER = 100      # Min-Max / Min-Sum bisection (needs ~log2(gamma_init / tau) = 22)
 _FANG_MAX_ITER = 200  # Krum-attack halvings (lambda_ub up to ~1e55 still reaches 1e-5)
 
 
@@ -129,12 +148,12 @@ def _compromised(updates, malicious, valid):
     return x, m, jnp.sum(m.astype(jnp.int32))
 
 
-def _mean_std(x, m, c):
-    """Per-coordinate mean and population std (ddof = 0) of the masked rows; zeros if c = 0."""
-    inv = 1.0 / jnp.maximum(c, 1).astype(jnp.float32)
-    mu = jnp.sum(x, axis=0) * inv
+def _mean_std(x, m, c, ddof: int = 0):
+    """Per-coordinate mean and standard deviation (``ddof`` 0 or 1) of the masked rows; the
+    std is 0 when ``c <= ddof`` and both are 0 when ``c = 0``."""
+    mu = jnp.sum(x, axis=0) / jnp.maximum(c, 1).astype(jnp.float32)
     dev = jnp.where(m[:, None], x - mu, 0.0)
-    sigma = jnp.sqrt(jnp.sum(jnp.square(dev), axis=0) * inv)
+    sigma = jnp.sqrt(jnp.sum(jnp.square(dev), axis=0) / jnp.maximum(c - ddof, 1).astype(jnp.float32))
     return mu, sigma
 
 
@@ -168,11 +187,11 @@ def lie_z_max(p, q, z_cap: float = LIE_Z_CAP):
 
 @functools.partial(jax.jit, static_argnames=("z_cap", "z_fixed"))
 def lie_craft(updates, malicious, valid, z_cap: float = LIE_Z_CAP, z_fixed: float | None = None):
-    """``(crafted[P] = mu - z * sigma, z)`` from the compromised rows; ``z = z_max`` of the
-    round, or ``z_fixed`` when given."""
+    """``(crafted[P] = mu - z * sigma, z)`` from the compromised rows (population std); ``z =
+    z_max`` of the round (``p`` = valid slots), or ``z_fixed`` when given."""
     x, m, c = _compromised(updates, malicious, valid)
     p = jnp.sum(jnp.asarray(valid, bool).astype(jnp.int32))
-    mu, sigma = _mean_std(x, m, c)
+    mu, sigma = _mean_std(x, m, c, ddof=0)
     z = lie_z_max(p, c, z_cap) if z_fixed is None else jnp.float32(z_fixed)
     return mu - z * sigma, z
 
@@ -182,15 +201,17 @@ def lie_craft(updates, malicious, valid, z_cap: float = LIE_Z_CAP, z_fixed: floa
 # --------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "gamma_init", "tau", "max_iter"))
+@functools.partial(jax.jit, static_argnames=("rule", "gamma_init", "tau", "max_iter", "bound"))
 def min_max_sum_craft(updates, malicious, valid, rule: str = "min_max", gamma_init: float = GAMMA_INIT,
-                      tau: float = TAU, max_iter: int = _MAX_ITER):
+                      tau: float = TAU, max_iter: int = _MAX_ITER, bound: str = "min"):
     """``(crafted[P] = mu - gamma * sigma, gamma)`` for ``rule`` in ``{'min_max', 'min_sum'}``
-    (module docstring: constraint and binary search)."""
+    (module docstring: constraint, Min-Sum's ``bound`` and binary search)."""
     if rule not in ("min_max", "min_sum"):
         raise ValueError(f"rule must be 'min_max' or 'min_sum', got {rule!r}")
+    if bound not in MIN_SUM_BOUNDS:
+        raise ValueError(f"min_sum_bound must be one of {', '.join(MIN_SUM_BOUNDS)}, got {bound!r}")
     x, m, c = _compromised(updates, malicious, valid)
-    mu, sigma = _mean_std(x, m, c)
+    mu, sigma = _mean_std(x, m, c, ddof=1)
     pair = m[:, None] & m[None, :]
     d2 = jnp.where(pair, _pairwise_sq(x), 0.0)
     if rule == "min_max":
@@ -200,7 +221,8 @@ def min_max_sum_craft(updates, malicious, valid, rule: str = "min_max", gamma_in
             dist = _sq_dist_to_rows(mu - gamma * sigma, x)
             return jnp.max(jnp.where(m, dist, 0.0)) <= threshold
     else:
-        threshold = jnp.max(jnp.sum(d2, axis=1))
+        r = jnp.sum(d2, axis=1)
+        threshold = jnp.min(jnp.where(m, r, jnp.inf)) if bound == "min" else jnp.max(r)
 
         def feasible(gamma):
             dist = _sq_dist_to_rows(mu - gamma * sigma, x)
@@ -294,61 +316,117 @@ def fang_krum_craft(updates, malicious, valid, num_clients: int, num_malicious: 
     return -lam * direction, lam, sel, lam_ub
 
 
-def fang_trmean_bounds(updates, malicious, valid, b: float = FANG_B):
-    """``(lo[P], hi[P], direction[P])``: the Trimmed-Mean attack's sampling interval."""
+def fang_trim_bounds(updates, malicious, valid):
+    """``(lo[P], hi[P], direction[P])``: the partial-knowledge Trimmed-Mean attack's sampling
+    interval, ``mu + [3, 4] sigma`` where ``mu <= 0`` and ``mu - [4, 3] sigma`` elsewhere
+    (sample std of the compromised rows)."""
     x, m, c = _compromised(updates, malicious, valid)
-    mu, _ = _mean_std(x, m, c)
+    mu, sigma = _mean_std(x, m, c, ddof=1)
     direction = jnp.where(mu > 0, 1.0, -1.0)
-    w_max = jnp.max(jnp.where(m[:, None], x, -jnp.inf), axis=0)
-    w_min = jnp.min(jnp.where(m[:, None], x, jnp.inf), axis=0)
-    w_max = jnp.where(c > 0, w_max, 0.0)
-    w_min = jnp.where(c > 0, w_min, 0.0)
-    # s = -1: push above w_max; s = +1: push below w_min
-    lo_neg, hi_neg = w_max, jnp.where(w_max > 0, b * w_max, w_max / b)
-    lo_pos, hi_pos = jnp.where(w_min > 0, w_min / b, b * w_min), w_min
-    lo = jnp.where(direction < 0, lo_neg, lo_pos)
-    hi = jnp.where(direction < 0, hi_neg, hi_pos)
+    near, far = FANG_SIGMAS
+    lo = jnp.where(direction < 0, mu + near * sigma, mu - far * sigma)
+    hi = jnp.where(direction < 0, mu + far * sigma, mu - near * sigma)
     return lo, hi, direction
 
 
-@functools.partial(jax.jit, static_argnames=("b",))
-def fang_trmean_craft(updates, malicious, valid, key, b: float = FANG_B):
-    """Fang's Trimmed-Mean attack: ``crafted[S, P]``, one uniform draw per slot and
-    coordinate in ``[lo, hi]`` (module docstring)."""
-    lo, hi, _ = fang_trmean_bounds(updates, malicious, valid, b)
+@jax.jit
+def fang_trim_craft(updates, malicious, valid, key):
+    """Fang's partial-knowledge Trimmed-Mean attack: ``crafted[S, P]``, one uniform draw per
+    slot and coordinate in ``[lo, hi]`` (:func:`fang_trim_bounds`)."""
+    lo, hi, _ = fang_trim_bounds(updates, malicious, valid)
     u = jax.random.uniform(key, updates.shape, jnp.float32)
     return lo[None, :] + u * (hi - lo)[None, :]
 
 
 # --------------------------------------------------------------------------------------
-# Registry entries
+# Pooling, lone attackers and the round record
 # --------------------------------------------------------------------------------------
 
 
-def _finish(inp: AttackInput, crafted):
-    return replace_malicious(inp, jnp.asarray(crafted, inp.updates.dtype))
+class CoefState(NamedTuple):
+    """Per client (``[num_clients]``), what it did at its last malicious participation."""
+
+    coef: jax.Array  # float32: the attack's coefficient (z, gamma, lambda); NaN = none
+    lone: jax.Array  # bool: it was the only compromised participant of its pool and sent zero
+
+
+def pooled_craft(inp: AttackInput, craft: Callable, lone_attacker: str = "zero"):
+    """Crafts the malicious valid rows of ``inp.updates``, pool by pool (module docstring).
+
+    Args:
+      inp: the round; ``inp.groups`` (``[S]`` int32 or None = one pool) says which slots
+        trained from the same model.
+      craft: ``craft(malicious[S] bool, valid[S] bool) -> (crafted [P] or [S, P], coef)``,
+        the attack for one pool (``coef`` a scalar, NaN when the attack has none).
+      lone_attacker: ``'zero'``: a pool with one compromised participant sends the zero
+        update; ``'genuine'``: ``craft`` runs for it too.
+
+    Returns:
+      ``(updates[S, P], coef[S] float32 NaN outside the crafted slots, lone[S] bool)``.
+    """
+    if lone_attacker not in LONE_ATTACKER:
+        raise ValueError(f"lone_attacker must be one of {', '.join(LONE_ATTACKER)}, got {lone_attacker!r}")
+    valid = np.asarray(inp.valid, bool)
+    mal = np.asarray(inp.malicious, bool) & valid
+    groups = np.zeros(mal.shape, np.int32) if inp.groups is None else np.asarray(inp.groups)
+    out = inp.updates
+    coef = np.full(mal.shape, np.nan, np.float32)
+    lone = np.zeros(mal.shape, bool)
+    for g in np.unique(groups[mal]):
+        in_g = groups == g
+        rows = mal & in_g
+        if rows.sum() == 1 and lone_attacker == "zero":
+            crafted = jnp.zeros(out.shape[1:], out.dtype)
+            lone |= rows
+        else:
+            crafted, c = craft(jnp.asarray(rows), jnp.asarray(valid & in_g))
+            coef[rows] = np.asarray(c, np.float32)
+        crafted = jnp.broadcast_to(jnp.asarray(crafted, out.dtype), out.shape)
+        out = jnp.where(jnp.asarray(rows)[:, None], crafted, out)
+    return out, coef, lone
 
 
 def _coef_init(num_clients, key):
-    """State of an attack that records its coefficient: ``[num_clients]``, NaN = never set."""
     del key
-    return jnp.full((num_clients,), jnp.nan, jnp.float32)
+    return CoefState(jnp.full((num_clients,), jnp.nan, jnp.float32), jnp.zeros((num_clients,), bool))
 
 
-def _coef_store(state, inp: AttackInput, value):
-    """Writes the round's scalar coefficient at the malicious valid slots' client ids."""
+def _coef_store(state: CoefState, inp: AttackInput, coef, lone) -> CoefState:
+    """Writes the round's per-slot ``coef[S]`` and ``lone[S]`` at the malicious valid slots'
+    client ids."""
     ids = jnp.asarray(inp.client_ids)
     hit = jnp.asarray(inp.malicious, bool) & jnp.asarray(inp.valid, bool)
-    return state.at[ids].set(jnp.where(hit, jnp.asarray(value, jnp.float32), state[ids]))
+    return CoefState(state.coef.at[ids].set(jnp.where(hit, jnp.asarray(coef, jnp.float32), state.coef[ids])),
+                     state.lone.at[ids].set(jnp.where(hit, jnp.asarray(lone, bool), state.lone[ids])))
 
 
-def _coef_attack(name, apply, key_name):
-    """An :class:`Attack` whose round record holds ``attack_<key_name>``: the coefficient the
-    attack used this round for its malicious participants (null for benign ones)."""
+def _statistics_attack(name: str, craft: Callable, key_name: str | None, lone_attacker: str) -> Attack:
+    """An :class:`Attack` crafting pool by pool (:func:`pooled_craft`) whose round record
+    holds ``attack_<key_name>`` (when the attack has a coefficient) and ``attack_lone``."""
+    def apply(state, inp: AttackInput):
+        out, coef, lone = pooled_craft(inp, lambda m, v: craft(inp, m, v), lone_attacker)
+        return out, _coef_store(state, inp, coef, lone)
+
     def record(state, ids):
-        return {key_name: state[jnp.asarray(ids)]}
+        ids = jnp.asarray(ids)
+        rec = {"lone": state.lone[ids]}
+        if key_name is not None:
+            rec[key_name] = state.coef[ids]
+        return rec
 
     return Attack(name, _coef_init, apply, record=record)
+
+
+def _lone_setting(ctx: AttackContext) -> str:
+    lone = ctx.config.get("lone_attacker", "zero")
+    if lone not in LONE_ATTACKER:
+        raise ValueError(f"lone_attacker must be one of {', '.join(LONE_ATTACKER)}, got {lone!r}")
+    return lone
+
+
+# --------------------------------------------------------------------------------------
+# Registry entries
+# --------------------------------------------------------------------------------------
 
 
 @register("lie")
@@ -360,24 +438,25 @@ def make_lie(ctx: AttackContext) -> Attack:
         if not math.isfinite(z_fixed):
             raise ValueError(f"lie_z must be finite, got {z_fixed}")
 
-    def apply(state, inp: AttackInput):
-        crafted, z = lie_craft(inp.updates, inp.malicious, inp.valid, z_cap=z_cap, z_fixed=z_fixed)
-        return _finish(inp, crafted), _coef_store(state, inp, z)
+    def craft(inp, malicious, valid):
+        return lie_craft(inp.updates, malicious, valid, z_cap=z_cap, z_fixed=z_fixed)
 
-    return _coef_attack("lie", apply, "z")
+    return _statistics_attack("lie", craft, "z", _lone_setting(ctx))
 
 
 def _make_min_max_sum(rule: str):
     def make(ctx: AttackContext) -> Attack:
         gamma_init = float(ctx.config.get("gamma_init", GAMMA_INIT))
         tau = float(ctx.config.get("tau", TAU))
+        bound = ctx.config.get("min_sum_bound", "min")
+        if bound not in MIN_SUM_BOUNDS:
+            raise ValueError(f"min_sum_bound must be one of {', '.join(MIN_SUM_BOUNDS)}, got {bound!r}")
 
-        def apply(state, inp: AttackInput):
-            crafted, gamma = min_max_sum_craft(inp.updates, inp.malicious, inp.valid, rule=rule,
-                                               gamma_init=gamma_init, tau=tau)
-            return _finish(inp, crafted), _coef_store(state, inp, gamma)
+        def craft(inp, malicious, valid):
+            return min_max_sum_craft(inp.updates, malicious, valid, rule=rule, gamma_init=gamma_init, tau=tau,
+                                     bound=bound)
 
-        return _coef_attack(rule, apply, "gamma")
+        return _statistics_attack(rule, craft, "gamma", _lone_setting(ctx))
 
     return make
 
@@ -389,19 +468,18 @@ register("min_sum")(_make_min_max_sum("min_sum"))
 @register("fang")
 def make_fang(ctx: AttackContext) -> Attack:
     tau = float(ctx.config.get("fang_tau", FANG_TAU))
-    b = float(ctx.config.get("fang_b", FANG_B))
     num_clients, num_malicious = int(ctx.num_clients), int(ctx.num_malicious)
+    lone = _lone_setting(ctx)
 
     if ctx.aggregation == "krum":
-        def apply(state, inp: AttackInput):
-            crafted, lam, _, _ = fang_krum_craft(inp.updates, inp.malicious, inp.valid,
-                                                 num_clients=num_clients, num_malicious=num_malicious, tau=tau)
-            return _finish(inp, crafted), _coef_store(state, inp, lam)
+        def craft(inp, malicious, valid):
+            crafted, lam, _, _ = fang_krum_craft(inp.updates, malicious, valid, num_clients=num_clients,
+                                                 num_malicious=num_malicious, tau=tau)
+            return crafted, lam
 
-        return _coef_attack("fang", apply, "lambda")
+        return _statistics_attack("fang", craft, "lambda", lone)
 
-    def apply(state, inp: AttackInput):
-        crafted = fang_trmean_craft(inp.updates, inp.malicious, inp.valid, inp.key, b=b)
-        return _finish(inp, crafted), state
+    def craft(inp, malicious, valid):
+        return fang_trim_craft(inp.updates, malicious, valid, inp.key), np.nan
 
-    return Attack("fang", no_state, apply)
+    return _statistics_attack("fang", craft, None, lone)

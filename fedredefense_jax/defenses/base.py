@@ -105,6 +105,9 @@ class Defense:
     Optional hooks, None for a rule with one global model and no oracle:
       client_models: ``(state, global_params[P], ids[S]) -> [S, P]``, the model each slot's
         client starts from (FLCert's per-group models); None: the global model.
+      client_groups: ``(state, ids[S]) -> [S]`` int32, which of the start models each slot
+        trained from (FLCert's group); attacks pool compromised updates within a group.
+        None: one pool.
       ensemble: ``state -> [G, P]``, models whose majority vote is the prediction (TACC and
         ASR are evaluated on the vote); None: the global model predicts.
       probe: ``(state, DefenseInput) -> {'error': [S] float, 'flagged': [S] bool}``, what
@@ -118,6 +121,7 @@ class Defense:
     init: Callable[..., Any]
     apply: Callable[..., tuple]
     client_models: Optional[Callable[..., jax.Array]] = None
+    client_groups: Optional[Callable[..., jax.Array]] = None
     ensemble: Optional[Callable[[Any], jax.Array]] = None
     probe: Optional[Callable[..., Any]] = None
 

@@ -14,7 +14,9 @@ group, so a bounded number of attackers flips a bounded number of votes.
 
 Simulator hooks (see :class:`~fedredefense_jax.defenses.base.Defense`):
 ``client_models(state, global_params, ids) -> [S, P]`` gives each slot its group's model,
-and ``ensemble(state) -> [G, P]`` the voting models. The simulator's single global model is
+``client_groups(state, ids) -> [S]`` its group (attacks pool compromised updates within a
+group, as FLCert's evaluation attacks each group) and ``ensemble(state) -> [G, P]`` the
+voting models. The simulator's single global model is
 kept at the mean of the group models (it is not used for prediction).
 
 Groups: a random permutation of the client ids (from the defense's init key, so fixed by
@@ -89,6 +91,9 @@ def make_flcert(ctx: DefenseContext) -> Defense:
         del global_params
         return state.models[state.group[jnp.asarray(ids)]]
 
+    def client_groups(state, ids):
+        return state.group[jnp.asarray(ids)]
+
     def ensemble(state):
         return state.models
 
@@ -103,4 +108,5 @@ def make_flcert(ctx: DefenseContext) -> Defense:
                             {"group": slot_group, "nonfinite": valid & ~cand})
         return out, FLCertState(models, state.group)
 
-    return Defense("flcert", init, apply, client_models=client_models, ensemble=ensemble)
+    return Defense("flcert", init, apply, client_models=client_models, client_groups=client_groups,
+                   ensemble=ensemble)

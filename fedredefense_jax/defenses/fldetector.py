@@ -21,8 +21,17 @@ model is already poisoned, so, as in the paper's protocol, training starts again
 initial model while the round counter keeps counting (the total number of rounds is fixed).
 Detection is done once, as in FLDetector's algorithm, which returns the detected clients and
 stops; afterwards the rule is plain FedAvg over the remaining clients. The basic aggregation
-rule is FedAvg (Appendix A.3) over the candidate slots (valid, finite rows) that are not
-flagged; ``weights`` are 1 for them.
+rule is FedAvg (Appendix A.3) over the candidate slots (valid, finite rows); ``weights`` are
+1 for them.
+
+Round accounting. The first detection can happen at round ``T_c + W`` (60): the round's
+updates are aggregated first and judged after, as in FLDetector's code, whose round
+aggregates every update and then runs the detection, so a detected attacker was aggregated
+in rounds 1 to ``T_c + W`` (AAR 60: the paper's Table 1 for every attack FLDetector
+catches). The restart then drops that aggregate. (FLDetector's released code scores from its
+0-based round 51 and clusters once it holds 11 rows of distances, i.e. at the 62nd round;
+the paper's 60 = cold start + window is what is followed here.) After the detection round
+the flagged clients are expelled and never aggregated again.
 
 The "updates" here are model differences ``w_local - w`` (about ``-lr`` times a gradient
 summed over the local steps) rather than gradients; pairs and predictions use the same
@@ -309,8 +318,9 @@ def make_fldetector(ctx: DefenseContext) -> Defense:
                         flagged[judged] = two_means_high(score[judged], seed)
                         restart = True
 
-        keep = cand & ~flagged
-        weights = keep.astype(np.float32)
+        # the detection round aggregates its updates before judging them (module docstring);
+        # the restart drops that aggregate
+        weights = cand.astype(np.float32)
         aggregate = fedavg(updates, jnp.asarray(weights))
 
         if restart:
