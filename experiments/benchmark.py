@@ -24,17 +24,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jax.flatten_util import ravel_pytree
 
+from fedredefense_jax import cli, models, partition, records, training
 from fedredefense_jax import data as data_lib
-from fedredefense_jax import models, partition, runner, training
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "Fashion-MNIST IDX directory (unset: random uint8 data of the same shape).")
-flags.DEFINE_integer("num_clients", 100, "Clients trained per round.")
-flags.DEFINE_string("model", "cnn", "cnn or convnet.")
-flags.DEFINE_string("conv_impl", "auto", "auto, xla or matmul.")
+# --data_dir (unset: random uint8 data of the shape of Fashion-MNIST), --num_clients (trained per
+# round), --model, --conv_impl, --first_cap and --later_cap (unset: Table 7's) are the shared flags.
+FLAGS = cli.FLAGS
 flags.DEFINE_list("layouts", ["loop", "vmap", "map", "chunked:4", "chunked:8", "chunked:16"],
                   "What to time; 'loop' is the baseline.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per layout (median reported).")
@@ -44,8 +42,6 @@ flags.DEFINE_integer("redefense_clients", 16, "Clients reconstructed at once in 
 flags.DEFINE_integer("redefense_iters", 8, "Outer iterations per client (fixed: early stop off).")
 flags.DEFINE_list("redefense_layouts", ["loop", "map", "vmap"], "FedREDefense layouts; 'loop' is the baseline.")
 flags.DEFINE_integer("detection_clients", 100, "Clients in the detection-round benchmark (part 'detection').")
-flags.DEFINE_integer("first_cap", None, "Iteration cap at first participation (unset: Table 7's).")
-flags.DEFINE_integer("later_cap", None, "Iteration cap at later participations (unset: Table 7's).")
 flags.DEFINE_integer("detection_repeats", 1, "Timed runs per layout after the compiling run (detection part).")
 
 
@@ -254,7 +250,7 @@ compiles bucket sizes not met before) and then ``repeats`` timed times.
 
 def main(argv):
     del argv
-    out = {"environment": runner.environment(), "repeats": FLAGS.repeats}
+    out = {"environment": records.environment(), "repeats": FLAGS.repeats}
     if "training" in FLAGS.parts:
         print(f"local training, {FLAGS.num_clients} clients, model {FLAGS.model}, backend {jax.default_backend()}")
         out["local_training"] = bench_local_training(FLAGS.num_clients, FLAGS.data_dir, FLAGS.model,
@@ -287,4 +283,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

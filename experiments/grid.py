@@ -4,18 +4,23 @@
         --num_malicious=8 --train_subset=18000 --rounds=20 --root=runs/grid \
         --defenses=fedavg,median --attacks=none,fang,mpaf
 
-Every cell has the same ``num_malicious`` (the ``q`` that Krum and Trimmed Mean are told);
-under ``--attacks=none`` those ``q`` clients are honest. Every cell is an ordinary run of :func:`fedredefense_jax.runner.run` in ``ROOT/DEFENSE__ATTACK``
+Every experiment flag of ``experiments/run.py`` (``fedredefense_jax/cli.py``) applies to every
+cell; an attack or defense setting applies to the cells whose plug-in takes it (and must be
+taken by one of them). Every cell has the same ``num_malicious`` (the ``q`` that Krum and
+Trimmed Mean are told); under ``--attacks=none`` those ``q`` clients are honest. Every cell
+is an ordinary run of :func:`fedredefense_jax.runner.run` in ``ROOT/DEFENSE__ATTACK``
 (checkpointed each round, so a stopped grid resumes where it stopped: rerun the same
 command; finished cells are skipped, or extended from their last round when ``--rounds`` is
 larger). ``--cells=defense:attack,...`` runs only those cells instead of the cross product.
 After each cell, ``ROOT/table.md`` and ``ROOT/table.json`` are rewritten from every finished
-cell: TACC (%) [/ ASR (%)] per cell, the paper's Table 2 Fashion-MNIST values beside them, and the detection metrics of the cells whose defense
-labels clients (DACC / FPR / FNR / AAR) or filters per round (ADACC / AFPR / AFNR).
+cell: TACC (%) [/ ASR (%)] per cell, the paper's Table 2 Fashion-MNIST values beside them,
+and the detection metrics of the cells whose defense labels clients (DACC / FPR / FNR /
+AAR) or filters per round (ADACC / AFPR / AFNR).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -23,27 +28,20 @@ import time
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from fedredefense_jax import attacks as attacks_lib
+from fedredefense_jax import cli, records, runner
+from fedredefense_jax import defenses as defenses_lib
+from fedredefense_jax.config import ConfigError, takers, validate
 
-FLAGS = flags.FLAGS
+FLAGS = cli.FLAGS
 flags.DEFINE_string("root", "runs/grid", "Directory of the grid: one sub-directory per cell, table.md, table.json.")
 flags.DEFINE_list("defenses", ["fedavg"], "Defenses (rows of the table are attacks, columns defenses).")
 flags.DEFINE_list("attacks", ["none"], "Attacks.")
 flags.DEFINE_list("cells", [], "Only these defense:attack cells (instead of defenses x attacks).")
-flags.DEFINE_string("dataset", "fashion_mnist", "Dataset.")
-flags.DEFINE_string("data_dir", None, "Dataset files (see experiments/run.py).")
-flags.DEFINE_string("model", "cnn", "cnn or convnet.")
-flags.DEFINE_integer("num_clients", 30, "p.")
-flags.DEFINE_integer("num_malicious", 8, "q.")
-flags.DEFINE_float("beta", 0.1, "Dirichlet beta.")
-flags.DEFINE_integer("rounds", 20, "Rounds of every cell.")
-flags.DEFINE_integer("train_subset", None, "Training images used (see experiments/run.py).")
-flags.DEFINE_integer("eval_every", 10, "Evaluate every this many rounds (and at the end).")
-flags.DEFINE_integer("seed", 0, "Seed of every cell.")
-flags.DEFINE_list("defense_config", [], "key=value settings given to every defense (e.g. cold_start=5).")
-flags.DEFINE_list("attack_config", [], "key=value settings given to every attack (e.g. backdoor_training=mixed, "
-                  "scale=3, trigger_pixels=24:24;22:24;24:22;23:23).")
 flags.DEFINE_bool("table_only", False, "Only rewrite the table from the finished cells.")
+cli.set_defaults(num_clients=30, num_malicious=8, rounds=20)
+# Set per cell from --cells / --attacks / --defenses / --root.
+_PER_CELL = ("attack", "defense", "output_dir")
 
 # The paper's Table 2, Fashion-MNIST (TACC %, or TACC/ASR %).
 PAPER_TABLE2_FMNIST = {
@@ -81,32 +79,12 @@ LABELLING = ("fedredefense", "fldetector")  # defenses that expel clients: DACC/
 FILTERING = ("flame", "fltrust")  # per-round filters: ADACC/AFPR/AFNR (Table 8)
 
 
-def _value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
-
-
-def parse_kv(items: list[str], flag: str) -> dict:
-    """``['k=v', ...]`` -> ``{k: int, float or str}``."""
-    out = {}
-    for kv in items:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise app.UsageError(f"--{flag}: {kv!r} is not key=value")
-        out[k] = _value(v)
-    return out
-
-
 def cells() -> list[tuple[str, str]]:
     if FLAGS.cells:
         out = []
         for c in FLAGS.cells:
             if c.count(":") != 1:
-                raise app.UsageError(f"--cells: {c!r} is not defense:attack")
+                raise ConfigError("cells", f"{c!r} is not defense:attack")
             out.append(tuple(c.split(":")))
         return out
     return [(d, a) for a in FLAGS.attacks for d in FLAGS.defenses]
@@ -114,15 +92,6 @@ def cells() -> list[tuple[str, str]]:
 
 def cell_dir(defense: str, attack: str) -> str:
     return os.path.join(FLAGS.root, f"{defense}__{attack}")
-
-
-def finished(path: str) -> dict | None:
-    try:
-        with open(os.path.join(path, "summary.json")) as f:
-            s = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return s if s.get("status") == "done" else None
 
 
 def pct(x) -> str:
@@ -138,13 +107,11 @@ def excluded_share(path: str) -> float | None:
     """Fraction of all participations that got aggregation weight 0 (filtered out)."""
     kept = total = 0
     try:
-        with open(os.path.join(path, "rounds.jsonl")) as f:
-            for line in f:
-                rec = json.loads(line)
-                agg = rec.get("aggregated", [x > 0 for x in rec["weights"]])
-                total += len(agg)
-                kept += sum(agg)
-    except (OSError, ValueError, KeyError):
+        for rec in records.read_rounds(path):
+            agg = rec.get("aggregated", [x > 0 for x in rec["weights"]])
+            total += len(agg)
+            kept += sum(agg)
+    except (OSError, KeyError):
         return None
     return (total - kept) / total if total else None
 
@@ -156,7 +123,7 @@ def write_table(root: str) -> dict:
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         if "__" not in name:
             continue
-        s = finished(os.path.join(root, name))
+        s = records.finished(os.path.join(root, name))
         if s is None:
             continue
         defense, attack = name.split("__", 1)
@@ -195,8 +162,9 @@ def write_table(root: str) -> dict:
                 det_lines.append(f"| {a} | {d} | DACC {pct(c['dacc'])} | FPR {pct(c['fpr'])} | FNR {pct(c['fnr'])} "
                                  f"| AAR {c['aar'] if c['aar'] is None else round(c['aar'], 2)} |")
             if c and d in FILTERING:
+                aar = c["aar"] if c["aar"] is None else round(c["aar"], 2)
                 det_lines.append(f"| {a} | {d} | ADACC {pct(c['adacc'])} | AFPR {pct(c['afpr'])} "
-                                 f"| AFNR {pct(c['afnr'])} | AAR {c['aar'] if c['aar'] is None else round(c['aar'], 2)} |")
+                                 f"| AFNR {pct(c['afnr'])} | AAR {aar} |")
     if det_lines:
         lines += ["", "| attack | defense | detection | | | |", "| --- | --- | --- | --- | --- | --- |", *det_lines]
     walls = [c["wall_s"] for row in table.values() for c in row.values() if c.get("wall_s")]
@@ -209,46 +177,67 @@ def write_table(root: str) -> dict:
     return table
 
 
+def cell_configs(todo: list[tuple[str, str]]) -> list:
+    """One ExperimentConfig per cell: the shared flags, and of the attack / defense
+    settings given those its plug-in takes; ConfigError for a setting no cell takes."""
+    for name in _PER_CELL:
+        if FLAGS[name].present:
+            raise ConfigError(name, "set per cell by --cells / --attacks / --defenses and --root")
+    given = {kind: cli.plugin_config(kind) for kind in ("attack", "defense")}
+    for kind, registry, used in (("attack", attacks_lib, {a for _, a in todo}),
+                                 ("defense", defenses_lib, {d for d, _ in todo})):
+        known = {n for u in used for n in _fields(registry, u)}
+        for key in given[kind]:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+                others = takers(registry, key)
+                raise ConfigError(key, f"no {kind} of the grid ({', '.join(sorted(used))}) takes it" +
+                                  (f"; did you mean {close[0]}?" if close else "") +
+                                  (f" (it is one of {', '.join(others)})" if others else ""))
+    configs = []
+    for defense, attack in todo:
+        own = {kind: {k: v for k, v in given[kind].items() if k in _fields(registry, name)}
+               for kind, registry, name in (("attack", attacks_lib, attack), ("defense", defenses_lib, defense))}
+        try:
+            cfg = cli.experiment_config(attack=attack, defense=defense, output_dir=cell_dir(defense, attack),
+                                        attack_config=own["attack"], defense_config=own["defense"])
+            validate(cfg)
+        except ConfigError as e:
+            raise ConfigError(e.flag, f"{e.message} (cell {defense}:{attack})") from None
+        configs.append(cfg)
+    return configs
+
+
+def _fields(registry, name: str) -> dict:
+    return registry.settings(name).fields() if name in registry.names() else {}
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from fedredefense_jax.runner import ConfigError, ExperimentConfig, Stopped, run, validate
-
     logging.set_verbosity(logging.INFO)
     if FLAGS.table_only:
         print(open(os.path.join(FLAGS.root, "table.md")).read() if write_table(FLAGS.root) else "no finished cell")
         return 0
-    todo = cells()
-    extra = parse_kv(FLAGS.defense_config, "defense_config")
-    attack_extra = parse_kv(FLAGS.attack_config, "attack_config")
-    configs = []
-    for defense, attack in todo:
-        cfg = ExperimentConfig(
-            dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=FLAGS.model, num_clients=FLAGS.num_clients,
-            num_malicious=FLAGS.num_malicious, beta=FLAGS.beta, rounds=FLAGS.rounds,
-            seed=FLAGS.seed, eval_every=FLAGS.eval_every, attack=attack, defense=defense,
-            train_subset=FLAGS.train_subset, output_dir=cell_dir(defense, attack), defense_config=dict(extra),
-            attack_config=dict(attack_extra))
-        try:
-            validate(cfg)
-        except ConfigError as e:
-            print(f"error: cell {defense}:{attack}: {e}", file=sys.stderr)
-            return 2
-        configs.append(cfg)
+    try:
+        configs = cell_configs(cells())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for i, cfg in enumerate(configs, 1):
-        done = finished(cfg.output_dir)
+        done = records.finished(cfg.output_dir)
         if done and done.get("rounds_done", 0) >= cfg.rounds:
             continue  # a cell finished with fewer rounds is extended from its last checkpoint
         t0 = time.time()
         logging.info("cell %d/%d: %s under %s", i, len(configs), cfg.attack, cfg.defense)
         try:
-            s = run(cfg, progress=cfg.eval_every)
+            s = runner.run(cfg, progress=cfg.eval_every)
         except ConfigError as e:
             print(f"error: cell {cfg.defense}:{cfg.attack}: {e}", file=sys.stderr)
             return 2
-        except (Stopped, KeyboardInterrupt) as e:
+        except (runner.Stopped, KeyboardInterrupt) as e:
             # The table was rewritten after the last finished cell; the stopped cell resumes from its checkpoint.
-            why = str(e) if isinstance(e, Stopped) else "interrupted; rerun the same command to resume"
+            why = str(e) if isinstance(e, runner.Stopped) else "interrupted; rerun the same command to resume"
             print(f"cell {cfg.defense}:{cfg.attack}: {why} ({cfg.output_dir}); finished cells are skipped on rerun",
                   file=sys.stderr)
             return 130
@@ -260,4 +249,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

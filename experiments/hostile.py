@@ -5,39 +5,36 @@ the test accuracy after the rounds.
 
     python experiments/hostile.py --data_dir=../shared/data/fashion_mnist --rounds=3
 
-Every malicious participant sends the hostile row every round (attacks ``hostile_*``).
+Every malicious participant sends the hostile row every round (attacks ``hostile_*``). Takes the
+experiment flags of ``experiments/run.py`` (``fedredefense_jax/cli.py``; ``--rounds`` per
+defense and kind) plus ``--defenses`` and ``--kinds``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-from absl import app, flags
+from absl import flags
 
-from fedredefense_jax import attacks, defenses, runner, simulation, training
+from fedredefense_jax import attacks, cli, defenses, experiment, simulation, training
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "Fashion-MNIST IDX directory.")
-flags.DEFINE_integer("num_clients", 100, "Clients.")
-flags.DEFINE_integer("num_malicious", 28, "Malicious clients.")
-flags.DEFINE_float("participation_rate", 0.1, "Fraction of clients per round.")
-flags.DEFINE_integer("rounds", 3, "Rounds per (defense, kind).")
+FLAGS = cli.FLAGS
 flags.DEFINE_list("defenses", None, "Defenses (unset: all registered).")
 flags.DEFINE_list("kinds", ["hostile_nan", "hostile_inf", "hostile_neg_inf", "hostile_huge", "hostile_zero",
                             "hostile_copy"], "Hostile attacks.")
+cli.set_defaults(participation_rate=0.1, rounds=3)
 
 
 def main(argv):
     del argv
     rows = []
     for defense in FLAGS.defenses or sorted(defenses.names()):
-        cfg = runner.ExperimentConfig(data_dir=FLAGS.data_dir, num_clients=FLAGS.num_clients,
-                                      num_malicious=FLAGS.num_malicious, defense=defense,
-                                      participation_rate=FLAGS.participation_rate)
-        setup = runner.build(cfg)
+        takes = defenses.settings(defense).fields()
+        cfg = cli.experiment_config(defense=defense, defense_config={
+            k: v for k, v in cli.plugin_config("defense").items() if k in takes})
+        setup = experiment.build(cfg)
         fed = setup.federation
-        ctx = attacks.AttackContext(cfg.num_clients, cfg.num_malicious, fed.init_params, defense, {})
+        ctx = attacks.AttackContext(cfg.num_clients, cfg.num_malicious, fed.init_params, defense, None)
         for kind in FLAGS.kinds:
             f = dataclasses.replace(fed, attack=attacks.make(kind, ctx))
             state = simulation.init_state(f)
@@ -65,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

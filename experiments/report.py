@@ -23,11 +23,12 @@ one colour per run.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import numpy as np
+
+from fedredefense_jax import records
 
 
 def _pm(d) -> str:
@@ -38,17 +39,16 @@ def _pm(d) -> str:
 
 def read_rounds(run_dir: str) -> list[dict]:
     """The per-round records of ``run_dir/rounds.jsonl``."""
-    path = os.path.join(run_dir, "rounds.jsonl")
-    if not os.path.isfile(path):
-        raise SystemExit(f"report: {path} not found (is {run_dir!r} a run's --output_dir?)")
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+    try:
+        return records.read_rounds(run_dir)
+    except FileNotFoundError:
+        path = os.path.join(run_dir, records.ROUNDS)
+        raise SystemExit(f"report: {path} not found (is {run_dir!r} a run's --output_dir?)") from None
 
 
 def describe(run_dir: str) -> dict:
     rows = read_rounds(run_dir)
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        s = json.load(f)
+    s = records.read_summary(run_dir)
     seen = set()
     its = {(m, f): [] for m in ("benign", "malicious") for f in ("first", "later")}
     mal_part = mal_flag = 0

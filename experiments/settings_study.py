@@ -14,8 +14,8 @@ of the defense (dynamic optimisation: stop once the loss is below gamma, else at
 * ``noise``: Gaussian noise with each row's norm;
 * ``mpaf``: ``3 (w_init - w_R)`` (zero, hence skipped, when ``--warmup_rounds=0``).
 
-A configuration is ``name:key=value,key=value`` with keys of ``RedefenseConfig`` (e.g.
-``images_per_class=2``, ``lr_images=0.25``, ``first_cap=400``, ``init_noise=uniform``) plus
+A configuration is ``name:key=value,key=value`` with FedREDefense's setting names (e.g.
+``images_per_class=2``, ``lr_images=0.25``, ``first_cap=400``, ``redefense_init_noise=uniform``) plus
 ``model=cnn|convnet`` and ``label_init=zeros|onehot`` (logit ``scale`` on the image's class,
 scale 1 unless ``label_scale`` is given). Results (per form: error and iteration stats and
 the fraction flagged, error > gamma) go to ``--output`` as JSON after every configuration.
@@ -26,7 +26,6 @@ the fraction flagged, error > gamma) go to ``--output`` as JSON after every conf
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -37,16 +36,13 @@ import numpy as np
 from absl import app, flags, logging
 from jax.flatten_util import ravel_pytree
 
+from fedredefense_jax import cli, models, partition, records, training
 from fedredefense_jax import data as data_lib
-from fedredefense_jax import models, partition, runner, training
 from fedredefense_jax.defenses import redefense
+from fedredefense_jax.settings import ConfigError
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "fashion_mnist", "fashion_mnist or cifar10.")
-flags.DEFINE_string("data_dir", None, "Dataset directory or archive (required).")
-flags.DEFINE_integer("num_clients", 100, "Clients of the split.")
-flags.DEFINE_float("beta", 0.1, "Dirichlet concentration of the split.")
-flags.DEFINE_integer("seed", 0, "Seed of the split and the initial model.")
+# --dataset, --data_dir (required), --num_clients, --beta and --seed are the shared flags.
+FLAGS = cli.FLAGS
 flags.DEFINE_list("clients", ["0", "1", "2", "3", "4", "5", "6", "7"], "Client ids whose updates are used.")
 flags.DEFINE_integer("warmup_rounds", 0, "FedAvg rounds of all clients before the studied round.")
 flags.DEFINE_list("forms", ["benign", "sign_flip", "lie", "scaled", "noise", "mpaf"], "Update forms to reconstruct.")
@@ -55,7 +51,7 @@ flags.DEFINE_string("output", "runs/settings_study.json", "JSON results (rewritt
 
 LIE_Z = 0.4686  # max z with Phi(z) < (p - q - s) / (p - q), p = 100, q = 28, s = 23
 
-_FIELDS = {f.name: f for f in dataclasses.fields(redefense.RedefenseConfig)}
+_FIELDS = redefense.RedefenseConfig.fields()  # setting name -> field
 
 
 def parse_configs(text: str) -> list[tuple[str, dict]]:
@@ -68,13 +64,16 @@ def parse_configs(text: str) -> list[tuple[str, dict]]:
             key, sep, value = item.partition("=")
             if not sep:
                 raise app.UsageError(f"--configs: '{item}' in '{name}' is not key=value")
-            if key in ("model", "label_init", "init_noise", "variant"):
+            if key in ("model", "label_init"):
                 kv[key] = value
             elif key == "label_scale":
                 kv[key] = float(value)
             elif key in _FIELDS:
-                typ = type(getattr(redefense.RedefenseConfig(), key))
-                kv[key] = typ(float(value)) if typ is int else typ(value)
+                try:
+                    parsed = redefense.RedefenseConfig.parse({key: value}, owner=f"configuration {name}")
+                except ConfigError as e:
+                    raise app.UsageError(f"--configs: {e}") from None
+                kv[key] = getattr(parsed, _FIELDS[key].name)
             else:
                 raise app.UsageError(f"--configs: unknown key '{key}' in '{name}'")
         out.append((name, kv))
@@ -160,7 +159,7 @@ def main(argv):
     cd = partition.stack_clients(ds.train_x, ds.train_y,
                                  partition.dirichlet_split(ds.train_y, FLAGS.num_clients, FLAGS.beta, FLAGS.seed))
     client_ids = [int(c) for c in FLAGS.clients]
-    results = {"environment": runner.environment(), "dataset": FLAGS.dataset, "clients": client_ids,
+    results = {"environment": records.environment(), "dataset": FLAGS.dataset, "clients": client_ids,
                "warmup_rounds": FLAGS.warmup_rounds, "configs": {}}
     if os.path.exists(FLAGS.output):  # resume: keep finished configurations
         with open(FLAGS.output) as f:
@@ -186,4 +185,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -30,23 +30,26 @@ from fedredefense_jax import attacks as attacks_lib
 from fedredefense_jax import defenses as defenses_lib
 from fedredefense_jax import training
 from fedredefense_jax.partition import ClientData
+from fedredefense_jax.settings import Settings, setting
 
 SLOT_BUCKET = 8
 
 
 @dataclasses.dataclass(frozen=True)
-class FLConfig:
-    """Federation settings (the paper's defaults)."""
+class FLConfig(Settings):
+    """Federation settings (the paper's defaults); ``config.ExperimentConfig`` extends them."""
 
-    num_clients: int = 100
-    num_malicious: int = 28
-    participation_rate: float = 1.0
-    rounds: int = 500
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 1e-3
-    seed: int = 0
-    layout: str | None = None
+    num_clients: int = setting(100, "Number of clients p.", low=1)
+    num_malicious: int = setting(28, "Number of malicious clients q (the last q ids).", low=0)
+    participation_rate: float = setting(1.0, "Fraction of non-expelled clients sampled per round, in (0, 1].",
+                                        above=0, high=1)
+    rounds: int = setting(500, "Communication rounds T.", low=1)
+    local_epochs: int = setting(1, "Local epochs E.", low=1)
+    batch_size: int = setting(32, "Local batch size.", low=1)
+    lr: float = setting(1e-3, "Local SGD learning rate.", above=0)
+    seed: int = setting(0, "Seed of the split, the initial model and all sampling.")
+    layout: str | None = setting(None, "Client batching: vmap, map or chunked; unset = fastest for the backend.",
+                                 choices=training.LAYOUTS)
 
 
 @dataclasses.dataclass

@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from jax.flatten_util import ravel_pytree
 
-from fedredefense_jax import attacks, data as data_lib, metrics, models, runner, simulation, training
+from fedredefense_jax import attacks, experiment, metrics, models, runner, simulation, training
+from fedredefense_jax import data as data_lib
 from fedredefense_jax.attacks.data_poisoning import TRIGGER_PIXELS, parse_trigger_pixels
+from fedredefense_jax.config import ConfigError, ExperimentConfig, validate
 from test_data import write_idx_dir
 from tiny import tiny_clients, tiny_cnn
 
@@ -22,8 +23,8 @@ KW = dict(batch_size=8, lr=0.05, epochs=1)
 MALICIOUS = np.array([False, False, True, True])
 
 
-def _ctx(scale=3.0):
-    return attacks.AttackContext(4, 2, jnp.zeros(3), "fedavg", {"scale": scale})
+def _ctx(**config):
+    return attacks.AttackContext(4, 2, jnp.zeros(3), "fedavg", config)
 
 
 def _poison(name):
@@ -122,7 +123,7 @@ def test_mixed_backdoor_equals_plain_training_on_data_plus_poisoned_copy(setup):
     uint8 value 255, so the reference copy is stamped in uint8."""
     w0, unravel, apply_fn, x, y, n, ids, keys = setup
     mean, std = (0.0,), (1.0,)
-    ctx = attacks.AttackContext(4, 2, jnp.zeros(3), "fedavg", {"scale": 3.0, "backdoor_training": "mixed"})
+    ctx = attacks.AttackContext(4, 2, jnp.zeros(3), "fedavg", {"attack_scale": 3.0, "backdoor_training": "mixed"})
     pz = simulation.client_poison(attacks.make("scaling", ctx).poison, MALICIOUS, 10, SHAPE)
     assert pz.backdoor.tolist() == [False, False, True, True]
     mixed = np.asarray(training.make_trainer(apply_fn, unravel, mean, std, layout="map", poisoning="mixed", **KW)(
@@ -147,13 +148,14 @@ def test_mixed_backdoor_equals_plain_training_on_data_plus_poisoned_copy(setup):
 
 
 def test_backdoor_schedule_errors():
-    with pytest.raises(ValueError, match="backdoor_training must be one of alternating, mixed"):
-        attacks.make("dba", attacks.AttackContext(4, 2, jnp.zeros(3), "fedavg", {"backdoor_training": "both"}))
+    with pytest.raises(ConfigError, match=r"--backdoor_training: must be one of alternating, mixed, got 'both' "
+                                          r"\(attack dba\)"):
+        attacks.make("dba", _ctx(backdoor_training="both"))
     with pytest.raises(ValueError, match="DataPoison.schedule must be one of"):
         attacks.DataPoison(schedule="sometimes")
-    cfg = runner.ExperimentConfig(attack="scaling", attack_config={"backdoor_training": "both"})
-    with pytest.raises(runner.ConfigError, match="backdoor_training"):
-        runner.validate(cfg)
+    cfg = ExperimentConfig(attack="scaling", attack_config={"backdoor_training": "both"})
+    with pytest.raises(ConfigError, match="backdoor_training"):
+        validate(cfg)
 
 
 def test_trigger_stamps_exactly_its_normalised_pixels():
@@ -190,9 +192,9 @@ def test_trigger_pixels_option_moves_the_trigger():
         with pytest.raises(ValueError):
             parse_trigger_pixels(bad)
     for bad, message in ((["1;2"], "row:col"), (["28:0"], "28:0 lies outside the 28x28 images")):
-        cfg = runner.ExperimentConfig(attack="scaling", attack_config={"trigger_pixels": bad})
-        with pytest.raises(runner.ConfigError, match=f"trigger_pixels.*{message}"):
-            runner.validate(cfg)
+        cfg = ExperimentConfig(attack="scaling", attack_config={"trigger_pixels": bad})
+        with pytest.raises(ConfigError, match=f"trigger_pixels.*{message}"):
+            validate(cfg)
 
 
 def test_asr_matches_a_hand_count(setup):
@@ -217,13 +219,13 @@ def test_asr_matches_a_hand_count(setup):
         else:  # targeted flip: true label 0, classified 2
             hits = sum(int(p == 2) for p, t in zip(pred, test_y) if t == 0)
             total = sum(int(t == 0) for t in test_y)
-        asr = runner.make_asr(spec_, ds, plain, apply_fn, unravel)(w)
+        asr = experiment.make_asr(spec_, ds, plain, apply_fn, unravel)(w)
         assert 0 < total and asr == pytest.approx(hits / total, abs=1e-12)
     # the base rate: the backdoor's count on the unstamped images
     pred = np.asarray(jnp.argmax(logits(w, xn), -1))
     base = sum(int(p == 0) for p, t in zip(pred, test_y) if t != 0) / sum(int(t != 0) for t in test_y)
     spec_ = attacks.make("scaling", _ctx()).asr
-    assert runner.make_asr(spec_, ds, plain, apply_fn, unravel, stamp=False)(w) == pytest.approx(base, abs=1e-12)
+    assert experiment.make_asr(spec_, ds, plain, apply_fn, unravel, stamp=False)(w) == pytest.approx(base, abs=1e-12)
     assert metrics.attack_success_rate([0, 0, 1, 0, 3], [0, 1, 1, 2, 0], target=0) == pytest.approx(2 / 3)
     assert metrics.attack_success_rate([2, 2, 1], [0, 1, 0], target=2, source=0) == 0.5
     assert np.isnan(metrics.attack_success_rate([1], [0], target=0))
@@ -235,7 +237,7 @@ def test_scaling_and_dba_multiply_the_poisoned_update():
                               jnp.array([True, True, True, False]), jnp.arange(4, dtype=jnp.int32), 1,
                               jax.random.key(0))
     for name, scale in (("scaling", 3.0), ("dba", 3.0), ("scaling", 5.0)):
-        a = attacks.make(name, _ctx(scale))
+        a = attacks.make(name, _ctx(attack_scale=scale))
         out = np.asarray(a.apply(a.init(4, None), inp)[0])
         np.testing.assert_array_equal(out[1:3], scale * u[1:3])
         np.testing.assert_array_equal(out[[0, 3]], u[[0, 3]])  # benign and padding rows untouched
@@ -249,9 +251,9 @@ def test_scaling_run_records_asr(tmp_path):
     d = tmp_path / "fm"
     write_idx_dir(d, n_train=96, n_test=40)
     out = tmp_path / "out"
-    cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=2, rounds=2, eval_every=1,
-                                  attack="scaling", output_dir=str(out), batch_size=16, lr=0.01,
-                                  checkpoint_every=2)
+    cfg = ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=2, rounds=2, eval_every=1,
+                           attack="scaling", output_dir=str(out), batch_size=16, lr=0.01,
+                           checkpoint_every=2)
     s = runner.run(cfg, progress=False)
     rows = [json.loads(ln) for ln in open(out / "rounds.jsonl")]
     assert all(0.0 <= r["asr"] <= 1.0 and 0.0 <= r["asr_base"] <= 1.0 and "test_acc" in r for r in rows)
@@ -266,20 +268,20 @@ def test_scaling_run_records_asr(tmp_path):
 def test_local_backdoor_repeats_one_clients_genuine_update(tmp_path):
     d = tmp_path / "fm"
     write_idx_dir(d, n_train=96, n_test=40)
-    cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=2, rounds=2, eval_every=1,
-                                  attack="dba", batch_size=16, lr=0.01, attack_config={"trigger_pixels": ["3:4"]})
+    cfg = ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=2, rounds=2, eval_every=1,
+                           attack="dba", batch_size=16, lr=0.01, attack_config={"trigger_pixels": ["3:4"]})
     seen = []
     rows = runner.local_backdoor(cfg, 3, on_eval=seen.append)
     assert [r["round"] for r in rows] == [1, 2] and seen == rows
     # the same two rounds by hand: the federation's trainer on slot [3], from its own model each time
-    setup = runner.build(cfg)
+    setup = experiment.build(cfg)
     fed, w = setup.federation, setup.federation.init_params
     for t in (1, 2):
         keys = training.client_keys(jax.random.fold_in(jax.random.key(0), t), np.array([3]))
         w = w + fed.train(w, fed.client_x, fed.client_y, fed.client_counts, np.array([3]), keys, poison=fed.poison)[0]
     assert rows[1]["asr"] == setup.asr(w) and rows[1]["asr_base"] == setup.asr_base(w)
     assert rows[1]["test_acc"] == training.accuracy(setup.predict, w, setup.dataset.test_x, setup.dataset.test_y)
-    with pytest.raises(runner.ConfigError, match="--client: must be a malicious client id in \\[2, 3\\], got 1"):
+    with pytest.raises(ConfigError, match="--client: must be a malicious client id in \\[2, 3\\], got 1"):
         runner.local_backdoor(cfg, 1)
-    with pytest.raises(runner.ConfigError, match="--attack: needs a trigger backdoor"):
-        runner.local_backdoor(dataclasses.replace(cfg, attack="label_flip"), 3)
+    with pytest.raises(ConfigError, match="--attack: needs a trigger backdoor"):
+        runner.local_backdoor(dataclasses.replace(cfg, attack="label_flip", attack_config={}), 3)

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import tiny
 from fedredefense_jax import attacks, defenses, partition, simulation, training
 from fedredefense_jax.defenses import flcert
-import tiny
 
 P = 12
 
@@ -19,7 +19,7 @@ def make(num_clients=20, groups=4):
     ctx = defenses.DefenseContext(
         apply_fn=None, unravel=None, num_clients=num_clients, num_malicious=4, num_classes=10,
         input_shape=(8, 8, 1), dataset="fashion_mnist", init_params=jnp.arange(P, dtype=jnp.float32),
-        config={"groups": groups})
+        config={"flcert_groups": groups})
     rule = defenses.make("flcert", ctx)
     return rule, rule.init(num_clients, jax.random.PRNGKey(3))
 
@@ -131,7 +131,7 @@ def test_attacks_under_flcert_use_their_groups_model_and_pool_by_group():
     _, w0, unravel, apply_fn = tiny.tiny_setup()
     x, y, counts = tiny.tiny_clients([10] * 12)
     cfg = simulation.FLConfig(12, 6, batch_size=5, lr=0.1)
-    ctx = defenses.DefenseContext(apply_fn, unravel, 12, 6, 10, (10, 10, 1), "fashion_mnist", w0, {"groups": 3})
+    ctx = defenses.DefenseContext(apply_fn, unravel, 12, 6, 10, (10, 10, 1), "fashion_mnist", w0, {"flcert_groups": 3})
     rule = defenses.make("flcert", ctx)
     mpaf, seen = _capturing(attacks.make("mpaf", attacks.AttackContext(12, 6, w0, "flcert", {})))
     fed = simulation.build_federation(cfg, partition.ClientData(x, y, counts), apply_fn, unravel, w0, (0.5,), (0.25,),

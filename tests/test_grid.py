@@ -72,12 +72,19 @@ def test_run_py_resumes_a_grid_cell_and_refuses_other_settings(data, tmp_path):
     # Neither driver passes the settings left at their defaults; config.json records them filled.
     cfg_path = os.path.join(cell, "config.json")
     cfg = json.load(open(cfg_path))
-    assert cfg["attack_config"]["scale"] == 3.0 and cfg["defense_config"]["variant"] == "dynamic"
-    # Grids written by older versions recorded them empty: such a cell still resumes.
+    assert cfg["attack_config"] == {"attack_scale": 3.0} and cfg["defense_config"] == {}
+    # Older versions recorded them empty, or under old names with settings the plug-in never
+    # read: such a cell still resumes, unless an old name holds another value.
+    for attack_config, resumes in (({}, True), ({"scale": 3.0, "lone_attacker": "zero"}, True),
+                                   ({"scale": 5.0}, False)):
+        with open(cfg_path, "w") as f:
+            json.dump({**cfg, "attack_config": attack_config, "defense_config": {"variant": "dynamic"}}, f)
+        r = _grid(*run, "--rounds=3")
+        assert (r.returncode == 0) == resumes, r.stderr[-2000:]
+        if not resumes:
+            assert "attack_config.attack_scale: 5.0 -> 3.0" in r.stderr, r.stderr[-2000:]
     with open(cfg_path, "w") as f:
-        json.dump({**cfg, "attack_config": {}, "defense_config": {}}, f)
-    r = _grid(*run, "--rounds=3")
-    assert r.returncode == 0, r.stderr[-2000:]
+        json.dump(cfg, f)
     assert _round_numbers(cell) == [1, 2, 3]
     other = _grid(*run, "--rounds=4", "--attack_scale=5")
     assert other.returncode != 0 and "Traceback" not in other.stderr
@@ -85,7 +92,8 @@ def test_run_py_resumes_a_grid_cell_and_refuses_other_settings(data, tmp_path):
     assert _round_numbers(cell) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("cells,needle", [("fedavg", "--cells"), ("fedavg:no_such_attack", "cell fedavg:no_such_attack")])
+@pytest.mark.parametrize("cells,needle", [("fedavg", "--cells"),
+                                          ("fedavg:no_such_attack", "cell fedavg:no_such_attack")])
 def test_bad_cell_fails_in_one_line(data, tmp_path, cells, needle):
     r = _grid(*_cmd(data, str(tmp_path / "grid"), rounds=1, cells=cells))
     assert r.returncode != 0 and "Traceback" not in r.stderr

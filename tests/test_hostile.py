@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedredefense_jax import attacks, defenses, runner, simulation
+from fedredefense_jax import attacks, defenses, experiment, simulation
+from fedredefense_jax.config import ExperimentConfig
 from test_data import write_idx_dir
 
 KINDS = ("hostile_nan", "hostile_inf", "hostile_neg_inf", "hostile_huge", "hostile_zero", "hostile_copy")
@@ -22,10 +23,10 @@ def data_dir(tmp_path_factory):
 
 
 def _federation(data_dir, defense, tmp):
-    cfg = runner.ExperimentConfig(data_dir=data_dir, num_clients=4, num_malicious=2, defense=defense,
-                                  batch_size=16, output_dir=str(tmp),
-                                  defense_config={"first_cap": 20, "later_cap": 20})
-    return runner.build(cfg).federation
+    caps = {"first_cap": 20, "later_cap": 20} if defense == "fedredefense" else {}
+    cfg = ExperimentConfig(data_dir=data_dir, num_clients=4, num_malicious=2, defense=defense, batch_size=16,
+                           output_dir=str(tmp), defense_config=caps)
+    return experiment.build(cfg).federation
 
 
 @pytest.mark.parametrize("defense", sorted(defenses.names()))

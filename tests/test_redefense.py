@@ -69,7 +69,7 @@ def setup():
 
 @pytest.fixture(scope="module")
 def cfg():
-    return rd.make_config("fashion_mnist", {"layout": "map"})
+    return rd.make_config("fashion_mnist", {"redefense_layout": "map"})
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_batched_equals_per_client(rec, setup, three, batched_nocompact):
 def test_vmap_layout_equals_map_layout(setup, cfg, three, batched_nocompact):
     updates, kn, caps = three
     rec_v = rd.Reconstructor(setup["model"].apply, setup["unravel"],
-                             rd.make_config("fashion_mnist", {"layout": "vmap"}))
+                             rd.make_config("fashion_mnist", {"redefense_layout": "vmap"}))
     res = rec_v.reconstruct(kn, setup["w0"], updates, caps, np.ones(3, bool), compact=False)
     np.testing.assert_array_equal(res.iterations, batched_nocompact.iterations)
     np.testing.assert_allclose(res.errors, batched_nocompact.errors, atol=1e-4)
@@ -223,7 +223,7 @@ def defense(setup):
     ctx = defenses.DefenseContext(
         apply_fn=setup["model"].apply, unravel=setup["unravel"], num_clients=NUM_CLIENTS,
         num_malicious=1, num_classes=K, input_shape=(H, W, CIN), dataset="fashion_mnist",
-        init_params=setup["w0"], config={"layout": "map"})
+        init_params=setup["w0"], config={"redefense_layout": "map"})
     return defenses.make("fedredefense", ctx)
 
 
@@ -314,12 +314,12 @@ def test_table7_defaults():
     assert (c.lr_images, c.lr_labels, c.alpha_init, c.lr_alpha, c.first_cap, c.later_cap) == \
         (0.5, 0.2, 0.1, 5e-6, 800, 2000)
     assert (c.gamma, c.inner_steps, c.images_per_class, c.momentum) == (0.6, 5, 1, 0.5)
-    c = rd.make_config("fashion_mnist", {"variant": "continuous"})
+    c = rd.make_config("fashion_mnist", {"redefense_variant": "continuous"})
     assert (c.first_cap, c.later_cap) == (500, 60)
-    c = rd.make_config("fashion_mnist", {"variant": "intermittent"})
+    c = rd.make_config("fashion_mnist", {"redefense_variant": "intermittent"})
     assert (c.first_cap, c.later_cap, c.interval) == (500, 500, 10)
     with pytest.raises(ValueError):
-        rd.make_config("cifar10", {"variant": "nope"})
+        rd.make_config("cifar10", {"redefense_variant": "nope"})
 
 
 def test_iteration_caps_per_variant():
@@ -327,9 +327,9 @@ def test_iteration_caps_per_variant():
     last = np.array([0, 3, 8])
     dyn = rd.make_config("cifar10")
     np.testing.assert_array_equal(rd.iteration_caps(dyn, seen, last, 13), [500, 1500, 1500])
-    cont = rd.make_config("cifar10", {"variant": "continuous"})
+    cont = rd.make_config("cifar10", {"redefense_variant": "continuous"})
     np.testing.assert_array_equal(rd.iteration_caps(cont, seen, last, 13), [500, 60, 60])
-    inter = rd.make_config("cifar10", {"variant": "intermittent"})
+    inter = rd.make_config("cifar10", {"redefense_variant": "intermittent"})
     # client 1 last optimised at round 3 -> due at 13; client 2 (round 8) -> inference only
     np.testing.assert_array_equal(rd.iteration_caps(inter, seen, last, 13), [500, 500, 0])
 
@@ -389,7 +389,7 @@ def test_adaptive_search_against_the_real_reconstruction(setup, round1):
     ctx = defenses.DefenseContext(
         apply_fn=setup["model"].apply, unravel=setup["unravel"], num_clients=NUM_CLIENTS,
         num_malicious=1, num_classes=K, input_shape=(H, W, CIN), dataset="fashion_mnist",
-        init_params=setup["w0"], config={"layout": "map", "later_cap": LATER_CAP})
+        init_params=setup["w0"], config={"redefense_layout": "map", "later_cap": LATER_CAP})
     defense = defenses.make("fedredefense", ctx)
     _, _, state = round1
     before = [np.asarray(a).copy() for a in jax.tree_util.tree_leaves(state)]

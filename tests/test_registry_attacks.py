@@ -14,9 +14,9 @@ def _input(updates, malicious, valid=None, glob=None):
                                jnp.arange(s, dtype=jnp.int32), 1, jax.random.key(0))
 
 
-def _ctx(init=None, scale=3.0):
+def _ctx(init=None, **config):
     init = jnp.zeros(3) if init is None else init
-    return attacks.AttackContext(4, 2, init, "fedavg", {"scale": scale})
+    return attacks.AttackContext(4, 2, init, "fedavg", config)
 
 
 def test_register_attack_from_outside_the_package():

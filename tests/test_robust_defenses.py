@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedredefense_jax import defenses, runner
+from fedredefense_jax import defenses
+from fedredefense_jax.config import ConfigError, ExperimentConfig, validate
 from fedredefense_jax.defenses import flame as flame_lib
 from fedredefense_jax.defenses import redefense as rd
 from fedredefense_jax.defenses import robust
@@ -307,7 +308,7 @@ def test_all_padding_gives_a_zero_aggregate(name):
 def test_redefense_aggregator_applies_the_rule_to_kept_slots(name):
     u, valid, cand = random_round(7, nan=())
     weights = np.array([1, 0, 1, 1, 1, 0, 1, 0, 0], np.float32)  # slots 1, 5 flagged
-    c = ctx(config={"aggregator": name})
+    c = ctx(config={"redefense_aggregator": name})
     agg_fn = rd._resolve_aggregator(name, c)
     inp = defenses.DefenseInput(jnp.zeros((P,)), jnp.asarray(u), jnp.arange(9), jnp.asarray(valid), 1,
                                 jax.random.PRNGKey(0))
@@ -322,8 +323,8 @@ def test_redefense_aggregator_applies_the_rule_to_kept_slots(name):
 def test_redefense_aggregator_names_are_validated():
     with pytest.raises(ValueError, match="aggregator"):
         rd._resolve_aggregator("flame_typo", ctx())
-    cfg = runner.ExperimentConfig(defense="fedredefense", defense_config={"aggregator": "mean"})
-    with pytest.raises(runner.ConfigError) as e:
-        runner.validate(cfg)
+    cfg = ExperimentConfig(defense="fedredefense", defense_config={"redefense_aggregator": "mean"})
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
     assert e.value.flag == "redefense_aggregator"
-    runner.validate(runner.ExperimentConfig(defense_config={"aggregator": "krum"}))
+    validate(ExperimentConfig(defense="fedredefense", defense_config={"redefense_aggregator": "krum"}))

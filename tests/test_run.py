@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fedredefense_jax import runner
+from fedredefense_jax.config import ConfigError, ExperimentConfig
 from test_data import write_idx_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,8 +70,8 @@ def test_corrupt_data_file_fails_in_one_line(tmp_path):
 def test_progress_lines_every_n_rounds_and_no_orbax_info(tmp_path, caplog):
     d = tmp_path / "fm"
     write_idx_dir(d, n_train=160, n_test=40)
-    cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=0, rounds=5, eval_every=2,
-                                  output_dir=str(tmp_path / "out"), batch_size=16)
+    cfg = ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=0, rounds=5, eval_every=2,
+                           output_dir=str(tmp_path / "out"), batch_size=16)
     with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
         runner.run(cfg, progress=2)
     rounds = [r.args[0] for r in caplog.records if r.getMessage().startswith("round ")]
@@ -84,8 +85,8 @@ def test_small_run_writes_rounds_and_summary(tmp_path):
     d = tmp_path / "fm"
     write_idx_dir(d, n_train=240, n_test=50)
     out = tmp_path / "out"
-    cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=1, rounds=3, eval_every=2,
-                                  attack="mpaf", output_dir=str(out), batch_size=16)
+    cfg = ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=1, rounds=3, eval_every=2,
+                           attack="mpaf", output_dir=str(out), batch_size=16)
     summary = runner.run(cfg, progress=False)
     rows = [json.loads(ln) for ln in open(out / "rounds.jsonl")]
     assert [r["round"] for r in rows] == [1, 2, 3]
@@ -98,7 +99,7 @@ def test_small_run_writes_rounds_and_summary(tmp_path):
     assert on_disk["test_acc"] == summary["test_acc"] == rows[2]["test_acc"]
     assert on_disk["environment"]["jax"] and on_disk["config"]["attack"] == "mpaf"
     # The attack's defaults (the paper's MPAF factor 3) are stated though the config left them out.
-    assert on_disk["config"]["attack_config"]["scale"] == 3.0
+    assert on_disk["config"]["attack_config"] == {"attack_scale": 3.0}
     assert json.load(open(out / "config.json")) == on_disk["config"]
     assert set(on_disk["test_acc_by_round"]) == {"2", "3"}
 
@@ -108,8 +109,8 @@ def test_same_seed_same_result(tmp_path):
     write_idx_dir(d, n_train=120, n_test=30)
     accs = []
     for i in range(2):
-        cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=3, num_malicious=0, rounds=2,
-                                      eval_every=1, participation_rate=0.67, output_dir=str(tmp_path / f"o{i}"))
+        cfg = ExperimentConfig(data_dir=str(d), num_clients=3, num_malicious=0, rounds=2,
+                               eval_every=1, participation_rate=0.67, output_dir=str(tmp_path / f"o{i}"))
         runner.run(cfg, progress=False)
         accs.append([json.loads(ln) for ln in open(tmp_path / f"o{i}" / "rounds.jsonl")])
     for a, b in zip(*accs):
@@ -123,9 +124,9 @@ def _tiny_redefense_run(tmp_path, attack):
     d = tmp_path / "fm"
     write_idx_dir(d, n_train=160, n_test=40)
     out = tmp_path / "out"
-    cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=2, rounds=2, eval_every=1,
-                                  attack=attack, defense="fedredefense", output_dir=str(out),
-                                  defense_config={"first_cap": 20, "later_cap": 20})
+    cfg = ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=2, rounds=2, eval_every=1,
+                           attack=attack, defense="fedredefense", output_dir=str(out),
+                           defense_config={"first_cap": 20, "later_cap": 20})
     s = runner.run(cfg, progress=False)
     return s, [json.loads(ln) for ln in open(out / "rounds.jsonl")]
 
@@ -163,9 +164,9 @@ def test_fashion_mnist_end_to_end(shared_data, tmp_path):
 def test_adaptive_attack_needs_fedredefense(tmp_path):
     d = tmp_path / "fm"
     write_idx_dir(d, n_train=80, n_test=20)
-    cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=1, rounds=1,
-                                  attack="adaptive_label_flip", defense="median", output_dir=str(tmp_path / "o"))
-    with pytest.raises(runner.ConfigError, match="--attack.*fedredefense"):
+    cfg = ExperimentConfig(data_dir=str(d), num_clients=4, num_malicious=1, rounds=1,
+                           attack="adaptive_label_flip", defense="median", output_dir=str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match="--attack.*fedredefense"):
         runner.run(cfg, progress=False)
 
 
@@ -190,9 +191,9 @@ def test_flcert_run_and_train_subset(tmp_path):
     d = tmp_path / "fm"
     write_idx_dir(d, n_train=200, n_test=40)
     out = tmp_path / "out"
-    cfg = runner.ExperimentConfig(data_dir=str(d), num_clients=6, num_malicious=1, rounds=2, eval_every=1,
-                                  attack="mpaf", defense="flcert", defense_config={"groups": 3},
-                                  train_subset=120, output_dir=str(out), batch_size=8)
+    cfg = ExperimentConfig(data_dir=str(d), num_clients=6, num_malicious=1, rounds=2, eval_every=1,
+                           attack="mpaf", defense="flcert", defense_config={"flcert_groups": 3},
+                           train_subset=120, output_dir=str(out), batch_size=8)
     s = runner.run(cfg, progress=False)
     rows = [json.loads(ln) for ln in open(out / "rounds.jsonl")]
     assert s["split"]["total"] == 120

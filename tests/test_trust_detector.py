@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedredefense_jax import attacks, checkpoint, defenses, metrics, partition, runner, simulation, training
+from fedredefense_jax import attacks, checkpoint, defenses, metrics, partition, simulation, training
+from fedredefense_jax.config import ConfigError, ExperimentConfig, validate
 from fedredefense_jax.defenses import fldetector as fd
 from fedredefense_jax.defenses import fltrust as ft
 from tiny import tiny_clients, tiny_setup
@@ -269,10 +270,10 @@ def test_fldetector_state_survives_a_checkpoint_round_trip():
 
 
 def test_fldetector_refuses_partial_participation():
-    with pytest.raises(runner.ConfigError, match="full participation") as e:
-        runner.validate(runner.ExperimentConfig(defense="fldetector", participation_rate=0.5))
+    with pytest.raises(ConfigError, match="full participation") as e:
+        validate(ExperimentConfig(defense="fldetector", participation_rate=0.5))
     assert e.value.flag == "participation_rate"
-    runner.validate(runner.ExperimentConfig(defense="fldetector"))
+    validate(ExperimentConfig(defense="fldetector"))
     with pytest.raises(ValueError, match="fldetector_window"):
         defenses.make("fldetector", ctx(config={"fldetector_window": 0}))
 

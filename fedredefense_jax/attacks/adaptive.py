@@ -10,7 +10,8 @@ largest factor ``lambda_i`` that the defense does not flag, found by a binary se
         if Reconstruction(lambda g_i, w^{t-1}, K_i^{t-1}) > gamma: lambda <- lambda - delta
         delta <- delta / 2
 
-with ``delta_init = 2`` and ``gamma_att = 0.125`` (so ``lambda`` lies in ``[1, 4.875]`` on a
+with ``delta_init = 2`` and ``gamma_att = 0.125`` (settings ``adaptive_delta_init``,
+``adaptive_step_min``; so ``lambda`` lies in ``[1, 4.875]`` on a
 grid of 0.125). The attacker knows FedREDefense's settings and the knowledge ``K_i^{t-1}`` the
 server holds for it (the paper's threat model for this attack): the search asks the
 defense's own reconstruction through ``AttackInput.probe``, for all malicious slots of the
@@ -23,15 +24,26 @@ recorded every round as ``attack_scale``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 
 from fedredefense_jax.attacks import register
 from fedredefense_jax.attacks.base import Attack, AttackContext, AttackInput, replace_malicious
 from fedredefense_jax.attacks.data_poisoning import make_label_flip, make_targeted_label_flip
+from fedredefense_jax.settings import Settings, setting
 
 DELTA_INIT = 2.0
 STEP_MIN = 0.125
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveSettings(Settings):
+    adaptive_delta_init: float = setting(DELTA_INIT, "Adaptive attacks (Algorithm 3): initial step delta_init "
+                                         "of the scale search (the paper's 2).", above=0)
+    adaptive_step_min: float = setting(STEP_MIN, "Adaptive attacks (Algorithm 3): the search stops once the step "
+                                       "is below gamma_att (the paper's 0.125).", above=0)
 
 
 def search_scale(probe, updates, slots: np.ndarray, delta_init: float = DELTA_INIT,
@@ -55,8 +67,7 @@ def search_scale(probe, updates, slots: np.ndarray, delta_init: float = DELTA_IN
 def _adaptive(name: str, basic) -> Attack:
     def make(ctx: AttackContext) -> Attack:
         base = basic(ctx)
-        delta_init = float(ctx.config.get("delta_init", DELTA_INIT))
-        step_min = float(ctx.config.get("step_min", STEP_MIN))
+        delta_init, step_min = ctx.config.adaptive_delta_init, ctx.config.adaptive_step_min
 
         def init(num_clients, key):
             del key
@@ -81,5 +92,6 @@ def _adaptive(name: str, basic) -> Attack:
     return make
 
 
-register("adaptive_label_flip")(_adaptive("adaptive_label_flip", make_label_flip))
-register("adaptive_targeted_label_flip")(_adaptive("adaptive_targeted_label_flip", make_targeted_label_flip))
+for _name, _basic in (("adaptive_label_flip", make_label_flip),
+                      ("adaptive_targeted_label_flip", make_targeted_label_flip)):
+    register(_name, settings=AdaptiveSettings)(_adaptive(_name, _basic))

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedredefense_jax.settings import Settings, setting
+
 
 class AttackContext(NamedTuple):
     """What the attacker knows when the federation is built.
@@ -24,14 +26,15 @@ class AttackContext(NamedTuple):
       num_clients: ``p``; num_malicious: ``q`` (the last ``q`` client ids).
       init_params: flat ``[P]`` initial global model.
       aggregation: name of the server's defense / aggregation rule.
-      config: attack settings from flags (e.g. ``scale``).
+      config: the attack's settings, an instance of the settings class it was registered
+        with (``attacks.make`` parses a ``{name: value}`` mapping into it).
     """
 
     num_clients: int
     num_malicious: int
     init_params: jax.Array
     aggregation: str
-    config: dict
+    config: Any
 
 
 class AttackInput(NamedTuple):
@@ -81,6 +84,13 @@ def _no_trigger(client_id: int) -> tuple:
 POISON_SCHEDULES = ("constant", "alternating", "mixed")
 # Factor of MPAF (Cao & Gong) and of the scaled backdoors (Scaling, DBA): the paper's 3.
 SCALE = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleSettings(Settings):
+    """Settings of the attacks that multiply what they send (MPAF, Scaling, DBA)."""
+
+    attack_scale: float = setting(SCALE, "Factor of MPAF, Scaling and DBA (the paper's 3).")
 
 
 @dataclasses.dataclass(frozen=True)

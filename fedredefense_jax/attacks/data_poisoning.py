@@ -16,15 +16,14 @@ poisoned training. Labels are ``y in 0..K-1`` (``K = 10`` for every dataset here
   poisoned epoch *every* sample is poisoned: the trigger is stamped (pixels (26, 26),
   (24, 26), (26, 24), (25, 25) of channel 0 set to 1.0 *after* normalisation) and the label
   set to 0. This is the authors' ``train_op_backdoor`` (all samples of the poisoned epoch,
-  not a fraction). With ``config['backdoor_training'] = 'mixed'`` (``--backdoor_training``)
+  not a fraction). With the setting ``backdoor_training = 'mixed'``
   each epoch instead runs over the client's data plus a stamped, relabelled copy, shuffled
   together: Appendix A.2's "train using both the original and poisoned datasets" read
-  literally. The update is then multiplied by ``s = config['scale']`` (``--attack_scale``,
-  default 3).
+  literally. The update is then multiplied by ``s = attack_scale`` (default 3).
 * ``dba`` (Xie et al., ICLR 2020): as ``scaling``, but client ``i`` stamps only the trigger's
   pixel ``i mod 4`` (in the order above; the authors' ``train_op_dba``). Scaled by ``s``.
 
-``config['trigger_pixels']`` (``--trigger_pixels``) replaces the four pixels by any others
+The setting ``trigger_pixels`` replaces the four pixels by any others
 (``"row:col"`` strings or ``(row, col)`` pairs; DBA then gives client ``i`` pixel
 ``i mod len``). The paper's CNN (valid 3x3 convolutions, floor 2x2 pooling) never reads
 rows or columns 26-27 of a 28x28 image, so three of the paper's four pixels are invisible
@@ -37,13 +36,24 @@ the fraction classified as 0.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
 
+from fedredefense_jax import data as data_lib
 from fedredefense_jax.attacks import register
-from fedredefense_jax.attacks.base import (SCALE, no_state, Attack, AttackContext, AttackInput, AsrSpec, DataPoison,
-                                           replace_malicious)
+from fedredefense_jax.attacks.base import (
+    AsrSpec,
+    Attack,
+    AttackContext,
+    AttackInput,
+    DataPoison,
+    ScaleSettings,
+    no_state,
+    replace_malicious,
+)
+from fedredefense_jax.settings import ConfigError, setting
 
 BACKDOOR_TARGET = 0
 TRIGGER_PIXELS = ((26, 26), (24, 26), (26, 24), (25, 25))  # (row, col) of channel 0
@@ -105,14 +115,29 @@ DEFAULT_BACKDOOR_TRAINING = "alternating"
 BACKDOOR_TRAINING = (DEFAULT_BACKDOOR_TRAINING, "mixed")
 
 
+@dataclasses.dataclass(frozen=True)
+class BackdoorSettings(ScaleSettings):
+    backdoor_training: str = setting(
+        DEFAULT_BACKDOOR_TRAINING, "Scaling / DBA local training: alternating = a poisoned epoch then a clean "
+        "one (the authors' code); mixed = each epoch over the data plus a poisoned copy, shuffled together.",
+        choices=BACKDOOR_TRAINING)
+    trigger_pixels: tuple = setting(
+        TRIGGER_PIXELS, "Scaling / DBA trigger as row:col pixels of channel 0, e.g. 24:24,22:24,24:22,23:23; "
+        "three of the paper's four (the default) lie outside the paper's CNN's receptive field.",
+        parse=parse_trigger_pixels)
+
+    def check(self, experiment) -> None:
+        h, w = data_lib.SPECS[experiment.dataset].input_shape[:2]
+        outside = [p for p in self.trigger_pixels if not (0 <= p[0] < h and 0 <= p[1] < w)]
+        if outside:
+            raise ConfigError("trigger_pixels", f"pixel {outside[0][0]}:{outside[0][1]} lies outside the "
+                              f"{h}x{w} images of {experiment.dataset} (attack {experiment.attack})")
+
+
 def _backdoor(name: str, ctx: AttackContext, distributed: bool) -> Attack:
     """Scaling (every malicious client stamps the whole trigger) or, ``distributed``, DBA
     (client ``i`` stamps pixel ``i mod len`` of it)."""
-    pattern = parse_trigger_pixels(ctx.config.get("trigger_pixels") or TRIGGER_PIXELS)
-    scale = float(ctx.config.get("scale", SCALE))
-    schedule = ctx.config.get("backdoor_training", DEFAULT_BACKDOOR_TRAINING)
-    if schedule not in BACKDOOR_TRAINING:
-        raise ValueError(f"backdoor_training must be one of {', '.join(BACKDOOR_TRAINING)}, got {schedule!r}")
+    pattern, scale, schedule = ctx.config.trigger_pixels, ctx.config.attack_scale, ctx.config.backdoor_training
 
     def apply(state, inp: AttackInput):
         return replace_malicious(inp, scale * inp.updates), state
@@ -125,11 +150,11 @@ def _backdoor(name: str, ctx: AttackContext, distributed: bool) -> Attack:
                   asr=AsrSpec(target=BACKDOOR_TARGET, trigger_pixels=pattern))
 
 
-@register("scaling")
+@register("scaling", settings=BackdoorSettings)
 def make_scaling(ctx: AttackContext) -> Attack:
     return _backdoor("scaling", ctx, distributed=False)
 
 
-@register("dba")
+@register("dba", settings=BackdoorSettings)
 def make_dba(ctx: AttackContext) -> Attack:
     return _backdoor("dba", ctx, distributed=True)

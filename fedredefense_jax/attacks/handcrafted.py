@@ -2,7 +2,7 @@
 
 * ``none``: every client honest.
 * ``mpaf`` (Cao & Gong, CVPRW 2022): every malicious client sends
-  ``s * (w_init - w^{t-1})`` (``s = 3``), dragging the global model to the initial one;
+  ``s * (w_init - w^{t-1})`` (``s = attack_scale``, 3), dragging the global model to the initial one;
   ``w^{t-1}`` is the model the client trained from (under FLCert its group's model).
 * ``sign_flip`` (not in the paper): each malicious client sends ``-g_i``, the negation of
   its own genuine update.
@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from fedredefense_jax.attacks import register
-from fedredefense_jax.attacks.base import SCALE, no_state, Attack, AttackContext, AttackInput, replace_malicious
+from fedredefense_jax.attacks.base import Attack, AttackContext, AttackInput, ScaleSettings, no_state, replace_malicious
 
 
 @register("none")
@@ -20,9 +20,9 @@ def make_none(ctx: AttackContext) -> Attack:
     return Attack("none", no_state, lambda state, inp: (inp.updates, state))
 
 
-@register("mpaf")
+@register("mpaf", settings=ScaleSettings)
 def make_mpaf(ctx: AttackContext) -> Attack:
-    scale = float(ctx.config.get("scale", SCALE))
+    scale = ctx.config.attack_scale
 
     def apply(state, inp: AttackInput):
         start = inp.global_params if inp.start_params is None else inp.start_params

@@ -39,14 +39,14 @@ participants that sent the zero update (``attack_lone``).
   gives 0.47). Degenerate rounds: the ratio ``r`` is clipped to ``[0, 1]`` (``r > 1`` when
   malicious clients are a majority, ``s < 0``; ``r = 0`` when ``p <= 2``), ``r := 1`` when
   every participant is malicious (``p = q``), and ``z_max`` is clipped to ``[-z_cap, z_cap]``
-  (``config['lie_z_cap']``, default 3) so that ``Phi^{-1}``'s infinities never reach the
-  update. ``config['lie_z']`` fixes ``z`` instead of the formula (used as given).
+  (``lie_z_cap``, default 3) so that ``Phi^{-1}``'s infinities never reach the
+  update. ``lie_z`` fixes ``z`` instead of the formula (used as given).
 
 * ``min_max`` / ``min_sum`` (Shejwalkar & Houmansadr, NDSS 2021, "Manipulating the
   Byzantine", AGR-agnostic attacks, "std" perturbation): every malicious client sends
   ``g_m = mu - gamma * sigma`` with the largest ``gamma`` found by the paper's binary search
   (``gamma_init = 30``, ``tau = 1e-5``, the authors' ``threshold`` and ``threshold_diff``;
-  ``config['gamma_init']``, ``config['tau']``) such that, over the pooled updates ``g_i``
+  settings ``gamma_init``, ``gamma_tau``) such that, over the pooled updates ``g_i``
   with ``r_i = sum_j ||g_i - g_j||^2``,
 
       Min-Max:  max_i ||g_m - g_i||^2    <= max_{i,j} ||g_i - g_j||^2
@@ -97,7 +97,7 @@ participants that sent the zero update (``attack_lone``).
     the first term is dropped when ``p - 2c - 1 <= 0`` or ``Gamma_i`` is empty. Then
     ``lambda`` is halved until Krum, run over the ``c`` crafted copies plus the ``c``
     compromised genuine updates (the paper's partial-knowledge simulation), selects a
-    crafted copy, or until ``lambda < tau_fang = 1e-5`` (``config['fang_tau']``). The
+    crafted copy, or until ``lambda < tau_fang = 1e-5`` (setting ``fang_tau``). The
     simulated Krum scores each of the ``2c`` updates by the sum of its ``k`` smallest
     squared distances to the others, with the server's neighbour count
     ``k = clip(p - q_s - 2, 1, p - 1)`` (``q_s`` the malicious count the server's Krum is
@@ -113,6 +113,7 @@ Min-Sum), ``attack_lambda`` (Fang against Krum; the Trimmed-Mean attack has none
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable, NamedTuple
@@ -124,6 +125,7 @@ from jax import lax
 
 from fedredefense_jax.attacks import register
 from fedredefense_jax.attacks.base import Attack, AttackContext, AttackInput
+from fedredefense_jax.settings import Settings, setting
 
 LIE_Z_CAP = 3.0
 GAMMA_INIT = 30.0
@@ -417,59 +419,81 @@ def _statistics_attack(name: str, craft: Callable, key_name: str | None, lone_at
     return Attack(name, _coef_init, apply, record=record)
 
 
-def _lone_setting(ctx: AttackContext) -> str:
-    lone = ctx.config.get("lone_attacker", "zero")
-    if lone not in LONE_ATTACKER:
-        raise ValueError(f"lone_attacker must be one of {', '.join(LONE_ATTACKER)}, got {lone!r}")
-    return lone
-
-
 # --------------------------------------------------------------------------------------
-# Registry entries
+# Settings and registry entries
 # --------------------------------------------------------------------------------------
 
 
-@register("lie")
+@dataclasses.dataclass(frozen=True)
+class StatisticsSettings(Settings):
+    """Settings shared by the attacks that pool compromised updates (module docstring)."""
+
+    lone_attacker: str = setting(
+        "zero", "LIE, Min-Max, Min-Sum, Fang with one compromised participant in its pool: zero = send the "
+        "zero update (the authors' code); genuine = the formulas on one update (its genuine update).",
+        choices=LONE_ATTACKER)
+
+
+@dataclasses.dataclass(frozen=True)
+class LieSettings(StatisticsSettings):
+    lie_z: float | None = setting(None, "LIE's z, fixed; unset = z_max of Appendix A.2, Phi^-1((p - q - s) / "
+                                  "(p - q)) with s = floor(p/2 + 1) - q, each round.")
+    lie_z_cap: float = setting(LIE_Z_CAP, "LIE: z_max is clipped to [-lie_z_cap, lie_z_cap].", above=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MinMaxSettings(StatisticsSettings):
+    gamma_init: float = setting(GAMMA_INIT, "Min-Max / Min-Sum: first gamma and step of the binary search.",
+                                above=0)
+    gamma_tau: float = setting(TAU, "Min-Max / Min-Sum: the search stops once its step is <= gamma_tau.", above=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MinSumSettings(MinMaxSettings):
+    min_sum_bound: str = setting(
+        "min", "Min-Sum's bound on the summed squared distances: min = the minimum over the compromised "
+        "updates of their summed distances to the others (the authors' and Shejwalkar's code); max.",
+        choices=MIN_SUM_BOUNDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class FangSettings(StatisticsSettings):
+    fang_tau: float = setting(FANG_TAU, "Fang against Krum: lambda is halved until below fang_tau.", above=0)
+
+
+@register("lie", settings=LieSettings)
 def make_lie(ctx: AttackContext) -> Attack:
-    z_cap = float(ctx.config.get("lie_z_cap", LIE_Z_CAP))
-    z_fixed = ctx.config.get("lie_z")
-    if z_fixed is not None:
-        z_fixed = float(z_fixed)
-        if not math.isfinite(z_fixed):
-            raise ValueError(f"lie_z must be finite, got {z_fixed}")
+    z_cap, z_fixed = ctx.config.lie_z_cap, ctx.config.lie_z
 
     def craft(inp, malicious, valid):
         return lie_craft(inp.updates, malicious, valid, z_cap=z_cap, z_fixed=z_fixed)
 
-    return _statistics_attack("lie", craft, "z", _lone_setting(ctx))
+    return _statistics_attack("lie", craft, "z", ctx.config.lone_attacker)
 
 
 def _make_min_max_sum(rule: str):
     def make(ctx: AttackContext) -> Attack:
-        gamma_init = float(ctx.config.get("gamma_init", GAMMA_INIT))
-        tau = float(ctx.config.get("tau", TAU))
-        bound = ctx.config.get("min_sum_bound", "min")
-        if bound not in MIN_SUM_BOUNDS:
-            raise ValueError(f"min_sum_bound must be one of {', '.join(MIN_SUM_BOUNDS)}, got {bound!r}")
+        cfg = ctx.config
+        bound = getattr(cfg, "min_sum_bound", "min")  # Min-Max has no bound to choose
 
         def craft(inp, malicious, valid):
-            return min_max_sum_craft(inp.updates, malicious, valid, rule=rule, gamma_init=gamma_init, tau=tau,
-                                     bound=bound)
+            return min_max_sum_craft(inp.updates, malicious, valid, rule=rule, gamma_init=cfg.gamma_init,
+                                     tau=cfg.gamma_tau, bound=bound)
 
-        return _statistics_attack(rule, craft, "gamma", _lone_setting(ctx))
+        return _statistics_attack(rule, craft, "gamma", cfg.lone_attacker)
 
     return make
 
 
-register("min_max")(_make_min_max_sum("min_max"))
-register("min_sum")(_make_min_max_sum("min_sum"))
+register("min_max", settings=MinMaxSettings)(_make_min_max_sum("min_max"))
+register("min_sum", settings=MinSumSettings)(_make_min_max_sum("min_sum"))
 
 
-@register("fang")
+@register("fang", settings=FangSettings)
 def make_fang(ctx: AttackContext) -> Attack:
-    tau = float(ctx.config.get("fang_tau", FANG_TAU))
+    tau = ctx.config.fang_tau
     num_clients, num_malicious = int(ctx.num_clients), int(ctx.num_malicious)
-    lone = _lone_setting(ctx)
+    lone = ctx.config.lone_attacker
 
     if ctx.aggregation == "krum":
         def craft(inp, malicious, valid):

@@ -1,17 +1,18 @@
 """Defense registry: name -> factory ``(DefenseContext) -> Defense``.
 
-Register a new defense from anywhere (no edit of this package needed)::
+Register a new defense from anywhere (no edit of this package needed), with its typed
+settings (a :class:`~fedredefense_jax.settings.Settings` dataclass, as the attacks' in
+``fedredefense_jax/attacks/__init__.py``; ``ctx.config`` is an instance of it)::
 
     from fedredefense_jax import defenses
 
-    @defenses.register("my_rule")
+    @defenses.register("my_rule", settings=MyRuleSettings)
     def make_my_rule(ctx: defenses.DefenseContext) -> defenses.Defense:
         ...
 """
 
 from __future__ import annotations
 
-from fedredefense_jax.registry import Registry
 from fedredefense_jax.defenses.base import (  # noqa: F401  (re-exported)
     Defense,
     DefenseContext,
@@ -20,6 +21,7 @@ from fedredefense_jax.defenses.base import (  # noqa: F401  (re-exported)
     fedavg,
     nonfinite_rows,
 )
+from fedredefense_jax.registry import Registry
 
 
 def _load_builtins() -> None:
@@ -37,3 +39,5 @@ _REGISTRY = Registry("defense", _load_builtins)
 register = _REGISTRY.register
 names = _REGISTRY.names
 make = _REGISTRY.make
+settings = _REGISTRY.settings
+parse_settings = _REGISTRY.parse_settings

@@ -1,8 +1,7 @@
 """FedAvg (McMahan et al., 2017) with equal client weights: ``g = mean_i g_i``.
 
 Non-finite rows are not averaged (a NaN from one client would poison the model); they are
-flagged so that the simulator records them, but FedAvg itself expels no one unless
-``config['expel_nonfinite']`` is set.
+recorded (``info['nonfinite']``), but FedAvg expels no one.
 """
 
 from __future__ import annotations
@@ -11,12 +10,12 @@ import jax.numpy as jnp
 
 from fedredefense_jax.defenses import register
 from fedredefense_jax.defenses.base import (
-    no_state,
     Defense,
     DefenseContext,
     DefenseInput,
     DefenseOutput,
     fedavg,
+    no_state,
     nonfinite_rows,
 )
 

@@ -31,9 +31,11 @@ class DefenseContext(NamedTuple):
       input_shape: ``(H, W, C)``.
       dataset: dataset name (selects per-dataset defaults such as Table 7's).
       init_params: flat ``[P]`` initial global model.
-      config: free-form per-defense settings (from flags).
+      config: the defense's settings, an instance of the settings class it was registered
+        with (``defenses.make`` parses a ``{name: value}`` mapping into it, with the
+        dataset's defaults, e.g. FedREDefense's Table 7).
       server_data: optional ``(x uint8 [n, H, W, C], y int32 [n])`` held by the server (the
-        root dataset of FLTrust; ``runner.build`` samples it, see
+        root dataset of FLTrust; ``experiment.build`` samples it, see
         ``partition.server_sample``); None when not provided.
       local_update: optional ``local_update(w0[P], x, y, count, key) -> g[P]``, the clients'
         local training (same epochs, batch size and learning rate,
@@ -48,7 +50,7 @@ class DefenseContext(NamedTuple):
     input_shape: tuple
     dataset: str
     init_params: jax.Array
-    config: dict
+    config: Any
     server_data: Any = None
     local_update: Optional[Callable[..., jax.Array]] = None
 

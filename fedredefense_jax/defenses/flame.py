@@ -38,6 +38,7 @@ entry, so a ``1e30`` row neither overflows nor poisons the others.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -46,7 +47,7 @@ import numpy as np
 from jax import lax
 
 from fedredefense_jax.defenses import register
-from fedredefense_jax.defenses.base import no_state, Defense, DefenseContext, DefenseInput, DefenseOutput
+from fedredefense_jax.defenses.base import Defense, DefenseContext, DefenseInput, DefenseOutput, no_state
 from fedredefense_jax.defenses.robust import (
     candidates,
     clip_rows,
@@ -55,11 +56,21 @@ from fedredefense_jax.defenses.robust import (
     pairwise_sq_dists,
     scaled_norms,
 )
+from fedredefense_jax.settings import Settings, setting
 
 #: FLAME's noise level factor for image classification.
 DEFAULT_LAMBDA = 0.001
 #: HDBSCAN's min_samples (1: single linkage on the cosine distances).
 DEFAULT_MIN_SAMPLES = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FlameSettings(Settings):
+    flame_lambda: float = setting(DEFAULT_LAMBDA, "FLAME: noise level factor lambda (0.001 for image "
+                                  "classification).", above=0)
+    flame_min_samples: int = setting(
+        DEFAULT_MIN_SAMPLES, "FLAME: HDBSCAN's min_samples (1 = single linkage; num_clients // 2 + 1 matches "
+        "the paper's Table 8; large values let identical attacker updates outlast the benign ones).", low=1)
 
 
 @jax.jit
@@ -123,14 +134,12 @@ def flame_aggregate(updates: jax.Array, cand: jax.Array, kept: jax.Array, key: j
     return agg, bound, sigma
 
 
-@register("flame")
+@register("flame", settings=FlameSettings)
 def make_flame(ctx: DefenseContext) -> Defense:
-    """FLAME with ``lambda = config.get('flame_lambda', 0.001)`` and HDBSCAN's
-    ``min_samples = config.get('flame_min_samples', 1)``. ``weights``: 1 for the
-    admitted slots. ``info``: ``nonfinite`` ``[S]``, ``clip_bound`` (``S_t``),
-    ``noise_sigma``."""
-    lam = float((ctx.config or {}).get("flame_lambda") or DEFAULT_LAMBDA)
-    min_samples = int((ctx.config or {}).get("flame_min_samples") or DEFAULT_MIN_SAMPLES)
+    """FLAME with ``lambda = flame_lambda`` (0.001) and HDBSCAN's ``min_samples =
+    flame_min_samples`` (1). ``weights``: 1 for the admitted slots. ``info``: ``nonfinite``
+    ``[S]``, ``clip_bound`` (``S_t``), ``noise_sigma``."""
+    lam, min_samples = ctx.config.flame_lambda, ctx.config.flame_min_samples
 
     init = no_state
 

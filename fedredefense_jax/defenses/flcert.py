@@ -27,15 +27,29 @@ clients each; the attackers fall where the permutation puts them).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
-from typing import NamedTuple
 
 from fedredefense_jax.defenses import register
 from fedredefense_jax.defenses.base import Defense, DefenseContext, DefenseInput, DefenseOutput
 from fedredefense_jax.defenses.robust import candidates, masked_median
+from fedredefense_jax.settings import ConfigError, Settings, setting
 
 DEFAULT_GROUPS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class FLCertSettings(Settings):
+    flcert_groups: int | None = setting(None, "FLCert: number of client groups, one Median-trained model each; "
+                                        "unset = the paper's 10 (one per client below 10 clients).", low=1)
+
+    def check(self, experiment) -> None:
+        if self.flcert_groups is not None and self.flcert_groups > experiment.num_clients:
+            raise ConfigError("flcert_groups", f"must be in [1, num_clients={experiment.num_clients}], got "
+                              f"{self.flcert_groups} (defense flcert)")
 
 
 class FLCertState(NamedTuple):
@@ -70,15 +84,15 @@ def group_medians(updates: jax.Array, cand: jax.Array, slot_group: jax.Array, nu
     return jax.lax.map(one, num_groups_arr)
 
 
-@register("flcert")
+@register("flcert", settings=FLCertSettings)
 def make_flcert(ctx: DefenseContext) -> Defense:
-    """FLCert-D with ``config['groups']`` groups (default 10, or one per client when there
+    """FLCert-D with ``flcert_groups`` groups (default 10, or one per client when there
     are fewer than 10 clients) of Median-trained models.
 
     ``weights``: 1 for every finite valid slot (the median uses them all); ``info``:
     ``group`` of each slot. Never flags (FLCert certifies, it does not expel).
     """
-    num_groups = int(ctx.config.get("groups") or min(DEFAULT_GROUPS, ctx.num_clients))
+    num_groups = ctx.config.flcert_groups or min(DEFAULT_GROUPS, ctx.num_clients)
     if not 1 <= num_groups <= ctx.num_clients:
         raise ValueError(f"flcert groups must be in [1, num_clients={ctx.num_clients}], got {num_groups}")
     init_params = jnp.asarray(ctx.init_params, jnp.float32)

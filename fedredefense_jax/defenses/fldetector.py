@@ -57,7 +57,7 @@ reference samples on ``[0, 1]``; ``Gap(k) = mean_b log W*_kb - log W_k``,
 that are all equal (spread <= 1e-6 of their largest magnitude, i.e. float rounding) form
 one cluster. Seeds of KMeans and of the references come from the round's key.
 
-Settings (``config``): ``fldetector_cold_start`` (50), ``fldetector_window`` (W = 10),
+Settings: ``fldetector_cold_start`` (50), ``fldetector_window`` (W = 10),
 ``fldetector_history`` (N = 10 pairs), ``fldetector_gap_refs`` (B = 10).
 
 Robustness: a slot whose update, or previous update, holds NaN/Inf, or whose distance
@@ -65,8 +65,8 @@ overflows, gets the largest float32 distance (the least consistent); its update 
 averaged. Normalisation is done in float64, so such rows never make the others NaN.
 
 Participation: FLDetector assumes every client takes part in every round (the paper does
-not run it with partial participation, Appendix B.2), and ``runner.validate`` refuses
-``--participation_rate < 1`` for it. Used directly with partial participation, a client that
+not run it with partial participation, Appendix B.2), and its settings' ``check`` refuses
+``participation_rate < 1``. Used directly with partial participation, a client that
 did not take part in the previous round gets no distance this round, its score is the mean
 of the distances it has in the window, and clients with none are neither clustered nor
 flagged.
@@ -79,6 +79,7 @@ window of normalised distances ``[W, num_clients]`` (NaN = none that round).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from typing import NamedTuple
@@ -96,6 +97,7 @@ from fedredefense_jax.defenses.base import (
     fedavg,
 )
 from fedredefense_jax.defenses.robust import candidates, scaled_norms
+from fedredefense_jax.settings import ConfigError, Settings, setting
 
 #: Appendix A.3 (following FLDetector): cold-start rounds, score window, L-BFGS pairs.
 DEFAULT_COLD_START = 50
@@ -241,23 +243,32 @@ def _round_seed(key: jax.Array) -> int:
     return int(jax.random.randint(jax.random.fold_in(key, 0xF1D), (), 0, 2**31 - 1))
 
 
-def _setting(config: dict, key: str, default: int, low: int) -> int:
-    v = config.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-        raise ValueError(f"fldetector: config[{key!r}] must be an int >= {low}, got {v!r}")
-    return int(v)
+@dataclasses.dataclass(frozen=True)
+class FLDetectorSettings(Settings):
+    fldetector_cold_start: int = setting(DEFAULT_COLD_START, "FLDetector: rounds before distances are computed "
+                                         "(T_c, the paper's 50).", low=0)
+    fldetector_window: int = setting(DEFAULT_WINDOW, "FLDetector: rounds of distances averaged into the "
+                                     "suspicious scores (W, 10).", low=1)
+    fldetector_history: int = setting(DEFAULT_HISTORY, "FLDetector: trajectory pairs of the L-BFGS estimate "
+                                      "(N, 10).", low=1)
+    fldetector_gap_refs: int = setting(DEFAULT_GAP_REFS, "FLDetector: reference samples of the gap statistic "
+                                       "(B, 10).", low=1)
+
+    def check(self, experiment) -> None:
+        if experiment.participation_rate < 1:
+            raise ConfigError("participation_rate", "fldetector assumes full participation (it predicts each "
+                              "client's update from the client's update of the previous round; the paper, "
+                              f"Appendix B.2, does not run it otherwise), got {experiment.participation_rate}")
 
 
-@register("fldetector")
+@register("fldetector", settings=FLDetectorSettings)
 def make_fldetector(ctx: DefenseContext) -> Defense:
     """FLDetector with FedAvg as the basic rule. ``info``: ``nonfinite`` ``[S]``,
     ``distance`` ``[S]`` (normalised, NaN when none this round), ``suspicious_score``
     ``[S]`` (NaN before the window is full), ``attack_detected``, ``detection_s``."""
-    config = ctx.config or {}
-    cold_start = _setting(config, "fldetector_cold_start", DEFAULT_COLD_START, 0)
-    window = _setting(config, "fldetector_window", DEFAULT_WINDOW, 1)
-    history = _setting(config, "fldetector_history", DEFAULT_HISTORY, 1)
-    refs = _setting(config, "fldetector_gap_refs", DEFAULT_GAP_REFS, 1)
+    cfg = ctx.config
+    cold_start, window, history = cfg.fldetector_cold_start, cfg.fldetector_window, cfg.fldetector_history
+    refs = cfg.fldetector_gap_refs
     num_params = int(np.shape(ctx.init_params)[0])
 
     def init(num_clients, key):

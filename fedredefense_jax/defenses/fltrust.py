@@ -16,9 +16,9 @@ averaged with the trust scores as weights. A zero update has no direction and ge
 aggregate. ``weights`` are the normalised scores ``TS_i / sum_j TS_j`` (0 = excluded), the
 per-round detection of Appendix B.1 / Table 8; FLTrust expels no one.
 
-Root dataset (``DefenseContext.server_data``, filled by ``runner.build``): 500 samples (the
-paper's Appendix A.3, to match the clients' local data size; ``config['fltrust_root_size']``
-overrides it) drawn uniformly without replacement from the union of the clients' training
+Root dataset (``DefenseContext.server_data``, filled by ``experiment.build``): 500 samples (the
+paper's Appendix A.3, to match the clients' local data size; the setting
+``fltrust_root_size`` overrides it) drawn uniformly without replacement from the union of the clients' training
 data, deterministic in the seed (``partition.server_sample``). As in FLTrust's default
 setting, they are clean samples of the training distribution and stay in the clients'
 datasets too. The server's training key is the round's defense key.
@@ -30,16 +30,25 @@ the aggregate only as its unit vector times ``||g_0||``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fedredefense_jax.defenses import register
-from fedredefense_jax.defenses.base import no_state, Defense, DefenseContext, DefenseInput, DefenseOutput
+from fedredefense_jax.defenses.base import Defense, DefenseContext, DefenseInput, DefenseOutput, no_state
 from fedredefense_jax.defenses.robust import candidates, scale_rows
+from fedredefense_jax.settings import Settings, setting
 
 #: The paper's root dataset size (Appendix A.3).
 DEFAULT_ROOT_SIZE = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class FLTrustSettings(Settings):
+    fltrust_root_size: int = setting(DEFAULT_ROOT_SIZE, "FLTrust: samples of the server's root dataset (the "
+                                     "paper's 500).", low=1)
 
 
 def unit_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -78,14 +87,14 @@ def fltrust_rule(updates: jax.Array, valid: jax.Array, server_update: jax.Array)
     return aggregate, weights, trust, cosine, jnp.where(g0_ok, n0, jnp.nan)
 
 
-@register("fltrust")
+@register("fltrust", settings=FLTrustSettings)
 def make_fltrust(ctx: DefenseContext) -> Defense:
     """FLTrust with the root dataset ``ctx.server_data`` and the clients' local training
-    ``ctx.local_update`` (both filled by ``runner.build``). ``info``: ``nonfinite`` ``[S]``,
+    ``ctx.local_update`` (both filled by ``experiment.build``). ``info``: ``nonfinite`` ``[S]``,
     ``trust_score`` ``[S]`` (raw ``TS_i``), ``cosine`` ``[S]``, ``server_norm``."""
     if ctx.server_data is None or ctx.local_update is None:
         raise ValueError("fltrust needs DefenseContext.server_data (the root dataset) and "
-                         "DefenseContext.local_update (the clients' local training); runner.build fills them")
+                         "DefenseContext.local_update (the clients' local training); experiment.build fills them")
     root_x, root_y = ctx.server_data
     root_x = jnp.asarray(np.asarray(root_x))
     root_y = jnp.asarray(np.asarray(root_y), jnp.int32)

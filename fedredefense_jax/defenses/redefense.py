@@ -33,7 +33,7 @@ Decision: a slot is flagged when its update holds a NaN/Inf, when ``||g||^2`` is
 overflows (the ratio is undefined: a zero update cannot be "reconstructed" and carries no
 training, so it is flagged rather than silently kept), or when its error is ``> gamma`` or
 non-finite. Reconstruction never runs on such updates. The kept slots are aggregated with
-FedAvg (equal weights) unless ``config['aggregator']`` is a callable ``(updates[S,P],
+FedAvg (equal weights) unless the setting ``redefense_aggregator`` is a callable ``(updates[S,P],
 weights[S]) -> [P]`` or the name of a registered rule ('median', 'trimmed_mean',
 'norm_bound', 'krum'; see ``robust.py``), which then sees the kept slots only.
 
@@ -81,6 +81,7 @@ from fedredefense_jax.defenses.base import (
     fedavg,
     nonfinite_rows,
 )
+from fedredefense_jax.settings import Settings, setting
 
 # --------------------------------------------------------------------------------------
 # Configuration
@@ -115,9 +116,32 @@ VARIANTS = (DEFAULT_VARIANT, "continuous", "intermittent")
 LAYOUTS = ("vmap", "map", "auto")
 
 
+#: Registered rules that can aggregate the kept slots (setting ``redefense_aggregator``).
+AGGREGATORS = ("fedavg", "median", "trimmed_mean", "norm_bound", "krum")
+
+
+def _unroll(value):
+    """``inner_unroll`` from a bool, an int or their text."""
+    if isinstance(value, (bool, int)):
+        return value
+    text = str(value).lower()
+    if text in ("true", "false"):
+        return text == "true"
+    return int(text)
+
+
+def _table7(name: str, help: str, **spec):
+    """A setting whose unset value is Table 7's for the dataset (CIFAR-10's default here)."""
+    return setting(TABLE7["cifar10"][name], f"{help} (Table 7's for the dataset).", **spec)
+
+
 @dataclasses.dataclass(frozen=True)
-class RedefenseConfig:
+class RedefenseConfig(Settings):
     """Settings of FedREDefense (defaults: Section 5.1.4, Table 7, Appendix B.3).
+
+    Setting names are the attribute names, with ``redefense_`` before the attributes from
+    ``variant`` on (``redefense_variant``, ``redefense_layout``, ...), which would be
+    ambiguous among all plug-ins' settings.
 
     Attributes:
       gamma: reconstruction-error threshold (0.6).
@@ -140,37 +164,52 @@ class RedefenseConfig:
       inner_unroll: ``lax.scan`` unroll of the inner loop (True: fully unrolled, the
         default: on CPU a rolled scan ran the Table 5 CNN's outer step ~2x slower; 1:
         rolled, faster to compile).
+      aggregator: rule aggregating the kept slots: a name of :data:`AGGREGATORS` or a
+        callable ``(updates[S, P], weights[S]) -> [P]``.
     """
 
-    gamma: float = 0.6
-    inner_steps: int = 5
-    images_per_class: int = 1
-    lr_images: float = 0.1
-    lr_labels: float = 0.05
-    lr_alpha: float = 5e-5
-    alpha_init: float = 0.05
-    first_cap: int = 500
-    later_cap: int = 1500
-    variant: str = "dynamic"
-    interval: int = 10
-    momentum: float = 0.5
-    reset_momentum: bool = True
-    layout: str = "auto"
-    chunk: int = 128
-    first_chunk: int = 8
-    map_batch_size: Optional[int] = None
-    init_noise: str = "normal"
-    inner_unroll: Any = True
+    gamma: float = setting(0.6, "FedREDefense: reconstruction-error threshold (paper: 0.6).", above=0)
+    inner_steps: int = setting(5, "FedREDefense: inner GD steps N of the virtual model (paper: 5).", low=1)
+    images_per_class: int = setting(1, "FedREDefense: synthetic images per class (paper: 1).", low=1)
+    lr_images: float = _table7("lr_images", "FedREDefense: outer LR of the synthetic images", low=0)
+    lr_labels: float = _table7("lr_labels", "FedREDefense: outer LR of the label logits", low=0)
+    lr_alpha: float = _table7("lr_alpha", "FedREDefense: outer LR of alpha", low=0)
+    alpha_init: float = _table7("alpha_init", "FedREDefense: initial virtual-model LR alpha", above=0)
+    first_cap: int = _table7("first_cap", "FedREDefense: outer-iteration cap at a client's first participation",
+                             low=1)
+    later_cap: int = _table7("later_cap", "FedREDefense: outer-iteration cap later", low=1)
+    variant: str = setting(DEFAULT_VARIANT, "FedREDefense: optimisation schedule of Appendix B.3.",
+                           choices=VARIANTS, name="redefense_variant")
+    interval: int = setting(10, "FedREDefense: rounds T_I between the intermittent variant's optimisations.",
+                            low=1, name="redefense_interval")
+    momentum: float = setting(0.5, "FedREDefense: SGD momentum of the outer optimisers.", low=0,
+                              name="redefense_momentum")
+    reset_momentum: bool = setting(True, "FedREDefense: zero the momentum buffers at every participation "
+                                   "(the authors' code).", name="redefense_reset_momentum")
+    layout: str = setting("auto", "FedREDefense: reconstruction batching over clients (auto = map on CPU, "
+                          "vmap elsewhere).", choices=LAYOUTS, name="redefense_layout")
+    chunk: int = setting(128, "FedREDefense: largest number of outer iterations per compiled chunk.", low=1,
+                         name="redefense_chunk")
+    first_chunk: int = setting(8, "FedREDefense: outer iterations of the first chunk (doubling up to "
+                               "redefense_chunk).", low=1, name="redefense_first_chunk")
+    map_batch_size: Optional[int] = setting(None, "FedREDefense: batch_size of lax.map over clients (unset: one "
+                                            "at a time).", low=1, name="redefense_map_batch_size")
+    init_noise: str = setting("normal", "FedREDefense: initial synthetic images, normal N(0, 1) (the authors') "
+                              "or uniform U[-1, 1].", choices=("normal", "uniform"), name="redefense_init_noise")
+    inner_unroll: Any = setting(True, "FedREDefense: lax.scan unroll of the inner loop (true: fully unrolled; "
+                                "1: rolled, faster to compile).", parse=_unroll, name="redefense_inner_unroll")
+    aggregator: Any = setting("fedavg", "FedREDefense: rule aggregating the kept updates.", choices=AGGREGATORS,
+                              name="redefense_aggregator")
 
-    def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.init_noise not in ("normal", "uniform"):
-            raise ValueError(f"init_noise must be 'normal' or 'uniform', got {self.init_noise!r}")
-        if self.chunk < 1 or self.first_chunk < 1:
-            raise ValueError("chunk and first_chunk must be >= 1")
+    @classmethod
+    def defaults(cls, given, dataset):
+        """Table 7 for ``dataset`` (CIFAR-10's when unknown), then the caps of the given
+        ``redefense_variant`` (Appendix B.3)."""
+        base = dict(TABLE7.get(canonical_dataset(dataset) or "cifar10"))
+        variant = given.get("redefense_variant", DEFAULT_VARIANT)
+        if variant in VARIANT_CAPS:
+            base["first_cap"], base["later_cap"] = VARIANT_CAPS[variant]
+        return base
 
 
 def canonical_dataset(name: str) -> Optional[str]:
@@ -180,16 +219,9 @@ def canonical_dataset(name: str) -> Optional[str]:
 
 def make_config(dataset: str, overrides: Optional[dict] = None) -> RedefenseConfig:
     """Config with Table 7 defaults for ``dataset`` (CIFAR-10's when unknown), the variant's
-    Appendix B.3 iteration counts, then ``overrides`` (unknown keys are ignored so that a
-    shared flag dict may carry other defenses' settings)."""
-    overrides = dict(overrides or {})
-    base = dict(TABLE7.get(canonical_dataset(dataset) or "cifar10"))
-    variant = overrides.get("variant", DEFAULT_VARIANT)
-    if variant in VARIANT_CAPS:
-        base["first_cap"], base["later_cap"] = VARIANT_CAPS[variant]
-    fields = {f.name for f in dataclasses.fields(RedefenseConfig)}
-    base.update({k: v for k, v in overrides.items() if k in fields and v is not None})
-    return RedefenseConfig(**base)
+    Appendix B.3 iteration counts, then ``overrides`` (``{setting name: value}``; None
+    values count as unset; an unknown name raises ConfigError)."""
+    return RedefenseConfig.parse(overrides, owner="defense fedredefense", dataset=dataset)
 
 
 # --------------------------------------------------------------------------------------
@@ -634,15 +666,11 @@ def _scatter_clients(knowledge: Knowledge, last_opt_round, slots: Knowledge, wri
     return knowledge, last_opt_round.at[opt_ids].set(round_, mode="drop")
 
 
-#: Registered rules that can aggregate the kept slots (``config['aggregator']``).
-AGGREGATORS = ("fedavg", "median", "trimmed_mean", "norm_bound", "krum")
-
-
 def _resolve_aggregator(agg, ctx: DefenseContext):
-    """``(updates[S, P], weights[S], inp) -> [P]`` from ``config['aggregator']``: None or
-    'fedavg' (equal weights), a callable ``(updates, weights) -> [P]``, or a registered rule
-    name of :data:`AGGREGATORS`, built with ``ctx`` and applied to the kept slots only
-    (``valid = inp.valid & (weights > 0)``)."""
+    """``(updates[S, P], weights[S], inp) -> [P]`` from the setting ``redefense_aggregator``:
+    None or 'fedavg' (equal weights), a callable ``(updates, weights) -> [P]``, or a
+    registered rule name of :data:`AGGREGATORS`, built with ``ctx`` (and its own default
+    settings) and applied to the kept slots only (``valid = inp.valid & (weights > 0)``)."""
     if agg is None or agg == "fedavg":
         return lambda updates, weights, inp: fedavg(updates, weights)
     if callable(agg):
@@ -650,7 +678,7 @@ def _resolve_aggregator(agg, ctx: DefenseContext):
     if agg in AGGREGATORS:
         from fedredefense_jax.defenses import make
 
-        rule = make(agg, ctx)
+        rule = make(agg, ctx._replace(config=None))
         rule_state = rule.init(ctx.num_clients, jax.random.PRNGKey(0))  # stateless rules
 
         def aggregate(updates, weights, inp):
@@ -662,19 +690,16 @@ def _resolve_aggregator(agg, ctx: DefenseContext):
     raise ValueError(f"aggregator must be None, a callable or one of {AGGREGATORS}, got {agg!r}")
 
 
-@register("fedredefense")
+@register("fedredefense", settings=RedefenseConfig)
 def make_redefense(ctx: DefenseContext) -> Defense:
-    """FedREDefense from ``ctx.config`` keys (Table 7 defaults for ``ctx.dataset``): gamma,
-    inner_steps, images_per_class, lr_images, lr_labels, lr_alpha, alpha_init, first_cap,
-    later_cap, variant, interval, layout, chunk, first_chunk, momentum, reset_momentum,
-    map_batch_size, init_noise, inner_unroll, aggregator.
+    """FedREDefense with the settings ``ctx.config`` (a :class:`RedefenseConfig`, Table 7's
+    defaults for ``ctx.dataset`` where unset).
 
     ``apply`` returns ``info = {'error': [S], 'iterations': [S], 'invalid_update': [S]}``;
     ``error`` is NaN for slots that were not reconstructed.
     """
-    config = dict(ctx.config or {})
-    cfg = make_config(ctx.dataset, config)
-    aggregator = _resolve_aggregator(config.get("aggregator"), ctx)
+    cfg = ctx.config
+    aggregator = _resolve_aggregator(cfg.aggregator, ctx)
     rec = get_reconstructor(ctx.apply_fn, ctx.unravel, cfg)
 
     def init(num_clients, key):

@@ -28,6 +28,7 @@ candidates is a traced value, so a round never recompiles.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -37,13 +38,14 @@ from jax import lax
 
 from fedredefense_jax.defenses import register
 from fedredefense_jax.defenses.base import (
-    no_state,
     Defense,
     DefenseContext,
     DefenseInput,
     DefenseOutput,
+    no_state,
     nonfinite_rows,
 )
+from fedredefense_jax.settings import Settings, setting
 
 # --------------------------------------------------------------------------------------
 # Shared pure helpers
@@ -303,16 +305,22 @@ def norm_bound_rule(updates: jax.Array, valid: jax.Array, benign: jax.Array,
     return masked_mean(clipped, cand), cand, threshold
 
 
-@register("norm_bound")
+@dataclasses.dataclass(frozen=True)
+class NormBoundSettings(Settings):
+    norm_threshold: float | None = setting(None, "Norm Bound: fixed clipping norm M; unset = the mean norm of "
+                                           "the round's benign updates (Appendix A.3).", above=0)
+
+
+@register("norm_bound", settings=NormBoundSettings)
 def make_norm_bound(ctx: DefenseContext) -> Defense:
     """Norm Bound (Sun et al., 2019) with the threshold of the paper's Appendix A.3: the
     average norm of the round's benign updates. The benign slots are known to the
     simulation only (an oracle, as in the paper's experiments): the malicious clients are
     the last ``num_malicious`` ids, so slot ``i`` is benign when
-    ``client_ids[i] < num_clients - num_malicious``. ``config['norm_threshold']`` (float)
-    fixes ``M`` instead. ``info``: ``nonfinite`` ``[S]``, ``threshold``."""
+    ``client_ids[i] < num_clients - num_malicious``. The setting ``norm_threshold`` fixes
+    ``M`` instead. ``info``: ``nonfinite`` ``[S]``, ``threshold``."""
     first_malicious = int(ctx.num_clients) - int(ctx.num_malicious)
-    fixed = (ctx.config or {}).get("norm_threshold")
+    fixed = ctx.config.norm_threshold
 
     def apply(state, inp: DefenseInput):
         valid = jnp.asarray(inp.valid, bool)

@@ -1,0 +1,219 @@
+"""The files of a run directory, read and written here only:
+
+* ``config.json``: the configuration, every attack / defense setting filled in
+  (:func:`recorded_config`); a different one in the same directory is refused unless
+  ``overwrite`` (:func:`prepare_output_dir`);
+* ``rounds.jsonl``: one JSON object per round, appended and flushed each round
+  (:class:`RoundLog`, :func:`read_rounds`);
+* ``summary.json``: config, final metrics, time, environment, rewritten atomically
+  (:func:`write_json`, :func:`read_summary`);
+* ``checkpoints/``: written by ``checkpoint.Checkpointer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+
+import numpy as np
+
+from fedredefense_jax import config as config_lib
+from fedredefense_jax.settings import ConfigError
+
+CONFIG, ROUNDS, SUMMARY, CHECKPOINTS = "config.json", "rounds.jsonl", "summary.json", "checkpoints"
+_OUTPUTS = (CONFIG, ROUNDS, SUMMARY, CHECKPOINTS)
+
+# Settings that may change when a run in ``output_dir`` is resumed (extended, re-evaluated).
+_RESUMABLE_CHANGES = ("rounds", "eval_every", "checkpoint_every", "overwrite", "output_dir")
+
+# Names of settings in config.json files written before settings had one name everywhere.
+_OLD_NAMES = {
+    "attack_config": {"scale": "attack_scale", "delta_init": "adaptive_delta_init",
+                      "step_min": "adaptive_step_min", "tau": "gamma_tau"},
+    "defense_config": {"groups": "flcert_groups", **{k: f"redefense_{k}" for k in (
+        "variant", "interval", "momentum", "reset_momentum", "layout", "chunk", "first_chunk",
+        "map_batch_size", "init_noise", "inner_unroll", "aggregator")}},
+}
+
+
+def jsonable(obj):
+    """``obj`` with non-finite floats as None (JSON has no NaN), numpy scalars as Python and
+    callables by name."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if callable(obj):
+        return getattr(obj, "__qualname__", repr(obj))
+    return obj
+
+
+def write_json(path: str, obj) -> None:
+    """Writes ``obj`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(jsonable(obj), f, indent=2, allow_nan=False)
+    os.replace(tmp, path)
+
+
+def read_summary(run_dir: str) -> dict:
+    """``summary.json`` of ``run_dir`` (OSError / ValueError when missing or unreadable)."""
+    with open(os.path.join(run_dir, SUMMARY)) as f:
+        return json.load(f)
+
+
+def finished(run_dir: str) -> dict | None:
+    """The summary of a run that finished (``status`` done), else None."""
+    try:
+        s = read_summary(run_dir)
+    except (OSError, ValueError):
+        return None
+    return s if s.get("status") == "done" else None
+
+
+def read_rounds(run_dir: str) -> list[dict]:
+    """The complete records of ``rounds.jsonl``, in order (a torn last line is dropped);
+    FileNotFoundError when there is none."""
+    rows = []
+    with open(os.path.join(run_dir, ROUNDS)) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break
+    return rows
+
+
+def keep_rounds(run_dir: str, upto: int) -> list[dict]:
+    """Cuts ``rounds.jsonl`` back to rounds ``1..upto`` (a checkpoint's) and returns them;
+    ConfigError when it holds fewer."""
+    path = os.path.join(run_dir, ROUNDS)
+    rows = []
+    for row in read_rounds(run_dir) if os.path.exists(path) else []:
+        if row.get("round") != len(rows) + 1 or len(rows) >= upto:
+            break
+        rows.append(row)
+    if len(rows) != upto:
+        raise ConfigError("output_dir", f"{path} holds {len(rows)} complete rounds but the checkpoint is at "
+                                        f"round {upto}; pass --overwrite to start the run again")
+    fd, tmp = tempfile.mkstemp(dir=run_dir, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
+    os.replace(tmp, path)
+    return rows
+
+
+class RoundLog:
+    """Appends round records to ``rounds.jsonl``, each flushed to disk before the next round."""
+
+    def __init__(self, run_dir: str):
+        self._file = open(os.path.join(run_dir, ROUNDS), "a")
+
+    def append(self, record: dict) -> None:
+        self._file.write(json.dumps(jsonable(record), allow_nan=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+
+def environment() -> dict:
+    """Versions and device, so that a run can be repeated."""
+    import flax
+    import jax
+    import optax
+
+    dev = jax.devices()[0]
+    return {
+        "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
+        "python": platform.python_version(), "backend": jax.default_backend(),
+        "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}", "num_devices": jax.device_count(),
+        "host": platform.node(),
+    }
+
+
+def recorded_config(cfg: config_lib.ExperimentConfig) -> dict:
+    """``cfg`` as JSON with the attack's and defense's settings filled in (their defaults
+    included), so that config.json and summary.json state every setting the run used."""
+    out = jsonable(dataclasses.asdict(cfg))
+    out["attack_config"] = jsonable(config_lib.attack_settings(cfg).as_dict())
+    out["defense_config"] = jsonable(config_lib.defense_settings(cfg).as_dict())
+    return out
+
+
+def upgrade_config(recorded: dict) -> dict:
+    """A config.json of any version as :func:`recorded_config` writes it today: old setting
+    names renamed, settings the run's attack / defense does not take dropped (they never
+    acted), the others filled in. ConfigError naming the file's setting if one is refused."""
+    out = dict(recorded)
+    for key, kind, registry in (("attack_config", "attack", config_lib.attacks_lib),
+                                ("defense_config", "defense", config_lib.defenses_lib)):
+        name = out.get(kind, config_lib.ExperimentConfig.__dataclass_fields__[kind].default)
+        given = {_OLD_NAMES[key].get(k, k): v for k, v in (out.get(key) or {}).items()}
+        try:
+            known = registry.settings(name).fields()
+            settings = registry.parse_settings(name, {k: v for k, v in given.items() if k in known},
+                                               out.get("dataset"))
+        except ValueError as e:
+            raise ConfigError(e.flag if isinstance(e, ConfigError) else kind, f"recorded {e}") from None
+        out[key] = jsonable(settings.as_dict())
+    return out
+
+
+def prepare_output_dir(cfg: config_lib.ExperimentConfig) -> None:
+    """Makes ``output_dir`` ready: refuses one that holds a run of a different configuration
+    (unless ``overwrite``, which deletes that run's outputs) and records this config."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    cfg_path = os.path.join(cfg.output_dir, CONFIG)
+    present = [n for n in _OUTPUTS if os.path.exists(os.path.join(cfg.output_dir, n))]
+    mine = recorded_config(cfg)
+    if present and not cfg.overwrite:
+        try:
+            with open(cfg_path) as f:
+                old = upgrade_config(json.load(f))
+        except ConfigError as e:
+            raise ConfigError("output_dir", f"{cfg_path}: {e}; pass --overwrite to replace the run or choose "
+                                            "another --output_dir") from None
+        except FileNotFoundError:
+            raise ConfigError("output_dir", f"{cfg.output_dir} holds outputs of another run "
+                                            f"({', '.join(present)}) without config.json; pass --overwrite "
+                                            "to replace them or choose another --output_dir") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError("output_dir", f"{cfg_path} is unreadable ({e}); pass --overwrite to replace "
+                                            "the run or choose another --output_dir") from None
+        a, b = _comparable(old), _comparable(mine)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:4])
+            raise ConfigError("output_dir", f"{cfg.output_dir} holds a run with different settings ({shown}); "
+                                            "pass --overwrite to replace it or choose another --output_dir")
+    elif present:
+        for n in present:
+            path = os.path.join(cfg.output_dir, n)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    write_json(cfg_path, mine)
+
+
+def _comparable(config: dict) -> dict:
+    """The settings of ``config`` that must match for a resume, plug-in settings flattened
+    (``attack_config.attack_scale``), so a refusal names the setting that differs."""
+    out = {k: v for k, v in config.items() if k not in _RESUMABLE_CHANGES + ("attack_config", "defense_config")}
+    for key in ("attack_config", "defense_config"):
+        out.update({f"{key}.{k}": v for k, v in config.get(key, {}).items()})
+    return out
