@@ -111,11 +111,31 @@ def stamp_trigger(x_normalized: jax.Array, trigger: jax.Array) -> jax.Array:
     return jnp.where(trigger, jnp.asarray(TRIGGER_VALUE, x_normalized.dtype), x_normalized)
 
 
+class _Relabel(NamedTuple):
+    """How a pass poisons its samples: virtual sample ``v`` is sample ``v`` when ``v < copies``,
+    else the poisoned copy of sample ``v - copies`` (trained as ``(stamp(x), label_map[y])``);
+    ``copies = 0``: every sample of the pass is poisoned."""
+
+    copies: jax.Array
+    label_map: jax.Array
+    trigger: jax.Array
+
+
+def _pass_order(key: jax.Array, count: jax.Array, n: int, batch_size: int) -> jax.Array:
+    """A shuffled order of ``n`` virtual samples (``count`` real), padded to whole batches."""
+    steps = -(-n // batch_size)
+    return jnp.pad(shuffled_order(key, count, n), (0, steps * batch_size - n))
+
+
 def make_client_update(apply_fn: Callable, unravel: Callable, mean, std, *, batch_size: int,
                        lr: float, epochs: int, poisoning: str | None = None) -> Callable:
     """Returns ``client_update(w0[P], x[n,H,W,C] uint8, y[n], count, key) -> g[P]``; with
     ``poisoning`` (``"constant"``, ``"alternating"`` or ``"mixed"``, see the module docstring) the
-    signature is ``client_update(w0, x, y, count, key, poison: Poison)``."""
+    signature is ``client_update(w0, x, y, count, key, poison: Poison)``.
+
+    Every schedule is a sequence of passes of :func:`sgd_pass`-style SGD over a shuffled order
+    of virtual samples: a clean pass, a poisoned pass (every sample poisoned) or a mixed pass
+    (``2n`` virtual samples, the second ``n`` poisoned copies)."""
     if poisoning not in POISONING_MODES:
         raise ValueError(f"unknown poisoning {poisoning!r}; choose one of {POISONING_MODES}")
     opt = optax.sgd(lr)
@@ -131,85 +151,87 @@ def make_client_update(apply_fn: Callable, unravel: Callable, mean, std, *, batc
 
     grad_fn = jax.grad(loss_fn)
 
+    def sgd_pass(carry, x, y, order, size, relabel: _Relabel | None):
+        """SGD over ``order`` in batches of ``batch_size``; entries at positions ``>= size`` are
+        masked (zero gradient); ``relabel`` None: a clean pass."""
+        n_max = x.shape[0]
+
+        def step(carry, s):
+            params, opt_state = carry
+            pos = s * batch_size + jnp.arange(batch_size)
+            v = jax.lax.dynamic_slice(order, (s * batch_size,), (batch_size,))
+            if relabel is None:
+                grads = grad_fn(params, x[v], y[v], pos < size, None)
+            else:
+                pois = v >= relabel.copies
+                idx = jnp.minimum(jnp.where(pois, v - relabel.copies, v), n_max - 1)
+                yb = jnp.where(pois, relabel.label_map[y[idx]], y[idx])
+                grads = grad_fn(params, x[idx], yb, pos < size, relabel.trigger, pois)
+            upd, opt_state = opt.update(grads, opt_state, params)
+            return (optax.apply_updates(params, upd), opt_state), None
+
+        carry, _ = jax.lax.scan(step, carry, jnp.arange(order.shape[0] // batch_size))
+        return carry
+
     def client_update(w0, x, y, count, key, poison: Poison | None = None):
         if (poison is None) != (poisoning is None):
             raise ValueError("a poisoning client update needs a Poison, a plain one takes none")
         n_max = x.shape[0]
-        steps = -(-n_max // batch_size)
-        pad = steps * batch_size - n_max
         params = unravel(w0)
-        opt_state = opt.init(params)
+        carry = (params, opt.init(params))
 
-        def run_epoch(carry, ekey, label_map, trigger):
-            order = jnp.pad(shuffled_order(ekey, count, n_max), (0, pad))
+        def clean(carry, ekey):
+            return sgd_pass(carry, x, y, _pass_order(ekey, count, n_max, batch_size), count, None)
 
-            def step(carry, s):
-                params, opt_state = carry
-                pos = s * batch_size + jnp.arange(batch_size)
-                idx = jax.lax.dynamic_slice(order, (s * batch_size,), (batch_size,))
-                yb = y[idx] if label_map is None else label_map[y[idx]]
-                grads = grad_fn(params, x[idx], yb, pos < count, trigger)
-                upd, opt_state = opt.update(grads, opt_state, params)
-                return (optax.apply_updates(params, upd), opt_state), None
+        def poisoned(carry, ekey, label_map, trigger):
+            relabel = _Relabel(jnp.int32(0), label_map, trigger)
+            return sgd_pass(carry, x, y, _pass_order(ekey, count, n_max, batch_size), count, relabel)
 
-            carry, _ = jax.lax.scan(step, carry, jnp.arange(steps))
-            return carry
-
-        def run_mixed_epoch(carry, ekey, label_map, trigger):
-            # entry v of the 2n virtual samples: v < count the clean sample v, else the
-            # poisoned copy of sample v - count; padding entries (v >= 2 count) are masked
-            steps2 = -(-2 * n_max // batch_size)
-            order = jnp.pad(shuffled_order(ekey, 2 * count, 2 * n_max), (0, steps2 * batch_size - 2 * n_max))
-
-            def step(carry, s):
-                params, opt_state = carry
-                pos = s * batch_size + jnp.arange(batch_size)
-                v = jax.lax.dynamic_slice(order, (s * batch_size,), (batch_size,))
-                pois = v >= count
-                idx = jnp.minimum(jnp.where(pois, v - count, v), n_max - 1)
-                yb = jnp.where(pois, label_map[y[idx]], y[idx])
-                grads = grad_fn(params, x[idx], yb, pos < 2 * count, trigger, pois)
-                upd, opt_state = opt.update(grads, opt_state, params)
-                return (optax.apply_updates(params, upd), opt_state), None
-
-            carry, _ = jax.lax.scan(step, carry, jnp.arange(steps2))
-            return carry
+        def mixed(carry, ekey):
+            relabel = _Relabel(count, poison.label_map, poison.trigger)
+            return sgd_pass(carry, x, y, _pass_order(ekey, 2 * count, 2 * n_max, batch_size), 2 * count, relabel)
 
         ekeys = jax.random.split(key, epochs)
         if poisoning is None:
-            carry, _ = jax.lax.scan(lambda c, k: (run_epoch(c, k, None, None), None), (params, opt_state), ekeys)
+            carry, _ = jax.lax.scan(lambda c, k: (clean(c, k), None), carry, ekeys)
         elif poisoning == "constant":
-            carry, _ = jax.lax.scan(lambda c, k: (run_epoch(c, k, poison.label_map, poison.trigger), None),
-                                    (params, opt_state), ekeys)
+            carry, _ = jax.lax.scan(lambda c, k: (poisoned(c, k, poison.label_map, poison.trigger), None),
+                                    carry, ekeys)
         elif poisoning == "mixed":
-            def one_epoch(carry, ekey):
-                return jax.lax.cond(poison.backdoor,
-                                    lambda c: run_mixed_epoch(c, ekey, poison.label_map, poison.trigger),
-                                    lambda c: run_epoch(c, ekey, None, None), carry), None
-
-            carry, _ = jax.lax.scan(one_epoch, (params, opt_state), ekeys)
+            carry, _ = jax.lax.scan(lambda c, k: (jax.lax.cond(poison.backdoor, mixed, clean, c, k), None),
+                                    carry, ekeys)
         else:
-            alt = poison.backdoor
-            j = jnp.arange(2 * epochs)
-            active = alt | (j < epochs)
-            poisoned = ~alt | (j % 2 == 0)
-            kd = jax.random.key_data
-            pass_keys = jax.random.wrap_key_data(
-                jnp.where(alt, kd(jax.random.split(key, 2 * epochs)), kd(jnp.concatenate([ekeys, ekeys]))),
-                impl=jax.random.key_impl(key))
-            identity = jnp.arange(poison.label_map.shape[0], dtype=poison.label_map.dtype)
-
-            def one_pass(carry, xs):
-                ekey, act, pois = xs
-                label_map = jnp.where(pois, poison.label_map, identity)
-                trigger = poison.trigger & pois
-                return jax.lax.cond(act, lambda c: run_epoch(c, ekey, label_map, trigger), lambda c: c, carry), None
-
-            carry, _ = jax.lax.scan(one_pass, (params, opt_state), (pass_keys, active, poisoned))
+            carry = _alternating(carry, key, ekeys, poison, poisoned)
         flat, _ = jax.flatten_util.ravel_pytree(carry[0])
         return flat - w0
 
     return client_update
+
+
+def _alternating(carry, key, ekeys, poison: Poison, poisoned: Callable):
+    """``2E`` passes: a client with ``backdoor`` trains a poisoned pass then a clean one per
+    epoch (keys ``split(key, 2E)``); every other client trains its ``E`` epochs as poisoned
+    passes (its identity map and empty trigger: clean) with the plain trainer's epoch keys,
+    then skips ``E`` passes."""
+    epochs = ekeys.shape[0]
+    alt = poison.backdoor
+    j = jnp.arange(2 * epochs)
+    active = alt | (j < epochs)
+    is_poisoned = ~alt | (j % 2 == 0)
+    kd = jax.random.key_data
+    pass_keys = jax.random.wrap_key_data(
+        jnp.where(alt, kd(jax.random.split(key, 2 * epochs)), kd(jnp.concatenate([ekeys, ekeys]))),
+        impl=jax.random.key_impl(key))
+    identity = jnp.arange(poison.label_map.shape[0], dtype=poison.label_map.dtype)
+
+    def one_pass(carry, xs):
+        ekey, act, pois = xs
+        label_map = jnp.where(pois, poison.label_map, identity)
+        return jax.lax.cond(act, lambda c: poisoned(c, ekey, label_map, poison.trigger & pois), lambda c: c,
+                            carry), None
+
+    carry, _ = jax.lax.scan(one_pass, carry, (pass_keys, active, is_poisoned))
+    return carry
 
 
 def map_clients(fn: Callable, layout: str, chunk: int = 8) -> Callable:
