@@ -188,14 +188,9 @@ def check_attack_output(name: str, crafted, genuine: jax.Array) -> jax.Array:
     return jnp.asarray(crafted, genuine.dtype)
 
 
-def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
-    """Runs round ``state.round + 1``; returns the new state and the round's record."""
-    t = state.round + 1
-    rkey = jax.random.fold_in(state.key, t)
-    pkey, tkey, akey, dkey = jax.random.split(rkey, 4)
-    ids, valid = sample_participants(pkey, state.expelled, fed.num_slots)
-
-    t0 = time.perf_counter()
+def _local_training(fed: Federation, state: SimState, ids: np.ndarray, key: jax.Array):
+    """``(updates[S, P], start[S, P] or None, groups[S] or None)``: the slots' genuine
+    updates, trained from the global model or from the defense's per-slot start models."""
     poison = {} if fed.poison is None else {"poison": fed.poison}
     start, slot_start, groups = state.params, None, None
     if fed.defense.client_models is not None:  # per-slot start models (e.g. FLCert's groups)
@@ -203,10 +198,13 @@ def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
     if fed.defense.client_groups is not None:
         groups = jnp.asarray(fed.defense.client_groups(state.defense_state, jnp.asarray(ids)), jnp.int32)
     updates = fed.train(start, fed.client_x, fed.client_y, fed.client_counts, ids,
-                        training.client_keys(tkey, ids), **poison)
-    updates.block_until_ready()
-    t1 = time.perf_counter()
+                        training.client_keys(key, ids), **poison)
+    return updates.block_until_ready(), slot_start, groups
 
+
+def _attack(fed: Federation, state: SimState, updates, ids, valid, t: int, akey, dkey, slot_start, groups):
+    """``(updates[S, P] with the malicious rows crafted, attack state, attack record)``; the
+    attack may probe the defense (``Defense.probe``) on candidate rows."""
     malicious = fed.malicious[ids] & valid
     probe = None
     if fed.defense.probe is not None:
@@ -218,23 +216,14 @@ def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
                                   jnp.asarray(ids), t, akey, probe, slot_start, groups)
     crafted, attack_state = fed.attack.apply(state.attack_state, inp)
     updates = check_attack_output(fed.attack.name, crafted, updates)
-    attack_info = {} if fed.attack.record is None else fed.attack.record(attack_state, ids)
-    t2 = time.perf_counter()
+    info = {} if fed.attack.record is None else fed.attack.record(attack_state, ids)
+    return updates, attack_state, info
 
-    out, defense_state = fed.defense.apply(
-        state.defense_state,
-        defenses_lib.DefenseInput(state.params, updates, jnp.asarray(ids), jnp.asarray(valid), t, dkey))
-    restart = bool(out.restart)
-    # a restart drops the round's aggregate and goes back to the initial model
-    params = jnp.asarray(fed.init_params) if restart else state.params + out.aggregate
-    params.block_until_ready()
-    t3 = time.perf_counter()
 
-    flagged = np.asarray(out.flagged) & valid
-    expelled = state.expelled.copy()
-    expelled[ids[flagged]] = True
-    info = {k: v for k, v in out.info.items()}
-    info.update({f"attack_{k}": v for k, v in attack_info.items()})
+def _record(fed: Federation, t: int, ids, valid, flagged, out, info: dict, times, params, restart: bool) -> dict:
+    """The round's record: participants, decisions, seconds of each phase and the plug-ins'
+    per-slot values (padding slots dropped, non-finite floats as None)."""
+    t0, t1, t2, t3 = times
     detection_s = float(info.pop("detection_s", 0.0))
     record = {
         "round": t,
@@ -258,5 +247,33 @@ def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
         if v.dtype.kind == "f":  # JSON has no NaN: non-finite values are recorded as null
             v = np.where(np.isfinite(v), v, None)
         record[k] = v.tolist()
-    new_state = SimState(t, params, state.key, expelled, defense_state, attack_state)
-    return new_state, record
+    return record
+
+
+def step(fed: Federation, state: SimState) -> tuple[SimState, dict]:
+    """Runs round ``state.round + 1``; returns the new state and the round's record."""
+    t = state.round + 1
+    rkey = jax.random.fold_in(state.key, t)
+    pkey, tkey, akey, dkey = jax.random.split(rkey, 4)
+    ids, valid = sample_participants(pkey, state.expelled, fed.num_slots)
+
+    t0 = time.perf_counter()
+    updates, slot_start, groups = _local_training(fed, state, ids, tkey)
+    t1 = time.perf_counter()
+    updates, attack_state, attack_info = _attack(fed, state, updates, ids, valid, t, akey, dkey, slot_start, groups)
+    t2 = time.perf_counter()
+    out, defense_state = fed.defense.apply(
+        state.defense_state,
+        defenses_lib.DefenseInput(state.params, updates, jnp.asarray(ids), jnp.asarray(valid), t, dkey))
+    restart = bool(out.restart)
+    # a restart drops the round's aggregate and goes back to the initial model
+    params = jnp.asarray(fed.init_params) if restart else state.params + out.aggregate
+    params.block_until_ready()
+    t3 = time.perf_counter()
+
+    flagged = np.asarray(out.flagged) & valid
+    expelled = state.expelled.copy()
+    expelled[ids[flagged]] = True
+    info = dict(out.info) | {f"attack_{k}": v for k, v in attack_info.items()}
+    record = _record(fed, t, ids, valid, flagged, out, info, (t0, t1, t2, t3), params, restart)
+    return SimState(t, params, state.key, expelled, defense_state, attack_state), record

@@ -261,6 +261,67 @@ class FLDetectorSettings(Settings):
                               f"Appendix B.2, does not run it otherwise), got {experiment.participation_rate}")
 
 
+def _score(st: FLDetectorState, w, updates, ids, valid, history: int):
+    """Distances of the round's slots to their predictions, normalised over the slots whose
+    client has a previous update: ``(dist[S] NaN for the others, st with them appended to
+    the window)``; ``st`` unchanged when no slot has a previous update."""
+    dist = np.full(valid.shape[0], np.nan)
+    scored = valid & st.has_update[ids]
+    if not scored.any():
+        return dist, st
+    hvp = np.zeros((st.pairs_s.shape[1],))
+    k = int(st.num_pairs)
+    if bool(st.has_prev) and k > 0:
+        v = np.asarray(w - st.prev_params, np.float64)
+        hvp = lbfgs_hvp(st.pairs_s[history - k:], st.pairs_y[history - k:], v)
+    d = np.asarray(prediction_distances(updates, st.prev_updates, jnp.asarray(ids),
+                                        jnp.asarray(hvp, jnp.float32)), np.float64)
+    total = d[scored].sum()
+    dn = d / total if total > 0 else np.full_like(d, 1.0 / scored.sum())
+    dist = np.where(scored, dn, np.nan)
+    row = np.full(st.distances.shape[1], np.nan)
+    row[ids[scored]] = dn[scored]
+    return dist, st._replace(distances=np.concatenate([st.distances[1:], row[None]]),
+                             num_scored=np.asarray(int(st.num_scored) + 1, np.int64))
+
+
+def _judge(st: FLDetectorState, ids, valid, key, refs: int):
+    """Suspicious scores (window means) of the slots and the gap-statistic decision:
+    ``(score[S] NaN where none, flagged[S], detected)``."""
+    flagged = np.zeros(valid.shape[0], bool)
+    win = st.distances[:, ids]                       # [W, S]
+    have = np.isfinite(win)
+    count = have.sum(axis=0)
+    mean = np.where(have, win, 0.0).sum(axis=0) / np.maximum(count, 1)
+    judged = valid & (count > 0)
+    score = np.where(judged, mean, np.nan)
+    detected = False
+    if judged.sum() >= 2:
+        seed = _round_seed(key)
+        if gap_statistic(score[judged], seed, refs=refs) > 1:
+            flagged[judged] = two_means_high(score[judged], seed)
+            detected = True
+    return score, flagged, detected
+
+
+def _advance(st: FLDetectorState, w, aggregate, updates, ids, valid, history: int) -> FLDetectorState:
+    """Stores this round's trajectory pair, global model, aggregate and updates."""
+    if bool(st.has_prev):
+        s = np.asarray(w - st.prev_params)
+        y = np.asarray(aggregate - st.prev_aggregate)
+        if np.all(np.isfinite(s)) and np.all(np.isfinite(y)) and np.any(s != 0):
+            st = st._replace(pairs_s=np.concatenate([st.pairs_s[1:], s[None]]),
+                             pairs_y=np.concatenate([st.pairs_y[1:], y[None]]),
+                             num_pairs=np.asarray(min(int(st.num_pairs) + 1, history), np.int64))
+    has_update = np.zeros_like(st.has_update)
+    has_update[ids[valid]] = True
+    return st._replace(
+        rounds=np.asarray(int(st.rounds) + 1, np.int64), prev_params=w, prev_aggregate=aggregate,
+        has_prev=np.asarray(True),
+        prev_updates=store_updates(st.prev_updates, updates, jnp.asarray(ids), jnp.asarray(valid)),
+        has_update=has_update)
+
+
 @register("fldetector", settings=FLDetectorSettings)
 def make_fldetector(ctx: DefenseContext) -> Defense:
     """FLDetector with FedAvg as the basic rule. ``info``: ``nonfinite`` ``[S]``,
@@ -268,7 +329,6 @@ def make_fldetector(ctx: DefenseContext) -> Defense:
     ``[S]`` (NaN before the window is full), ``attack_detected``, ``detection_s``."""
     cfg = ctx.config
     cold_start, window, history = cfg.fldetector_cold_start, cfg.fldetector_window, cfg.fldetector_history
-    refs = cfg.fldetector_gap_refs
     num_params = int(np.shape(ctx.init_params)[0])
 
     def init(num_clients, key):
@@ -290,54 +350,24 @@ def make_fldetector(ctx: DefenseContext) -> Defense:
         updates = jnp.asarray(inp.updates)
         w = jnp.asarray(inp.global_params)
         cand = np.asarray(candidates(updates, jnp.asarray(valid)))
-        s_slots = valid.shape[0]
-        flagged = np.zeros(s_slots, bool)
-        dist = np.full(s_slots, np.nan)
-        score = np.full(s_slots, np.nan)
+        flagged = np.zeros(valid.shape[0], bool)
+        dist = score = np.full(valid.shape[0], np.nan)
         restart = False
         st = state
-
         if not bool(state.detected):
-            t = int(state.rounds) + 1
-            if t > cold_start:
-                scored = valid & state.has_update[ids]
-                if scored.any():
-                    hvp = np.zeros((num_params,))
-                    k = int(state.num_pairs)
-                    if bool(state.has_prev) and k > 0:
-                        v = np.asarray(w - state.prev_params, np.float64)
-                        hvp = lbfgs_hvp(state.pairs_s[history - k:], state.pairs_y[history - k:], v)
-                    d = np.asarray(prediction_distances(updates, state.prev_updates, jnp.asarray(ids),
-                                                        jnp.asarray(hvp, jnp.float32)), np.float64)
-                    total = d[scored].sum()
-                    dn = d / total if total > 0 else np.full_like(d, 1.0 / scored.sum())
-                    dist = np.where(scored, dn, np.nan)
-                    row = np.full(state.distances.shape[1], np.nan)
-                    row[ids[scored]] = dn[scored]
-                    st = st._replace(distances=np.concatenate([state.distances[1:], row[None]]),
-                                     num_scored=np.asarray(int(state.num_scored) + 1, np.int64))
+            if int(state.rounds) + 1 > cold_start:
+                dist, st = _score(st, w, updates, ids, valid, history)
             if int(st.num_scored) >= window:
-                win = st.distances[:, ids]                       # [W, S]
-                have = np.isfinite(win)
-                count = have.sum(axis=0)
-                mean = np.where(have, win, 0.0).sum(axis=0) / np.maximum(count, 1)
-                judged = valid & (count > 0)
-                score = np.where(judged, mean, np.nan)
-                if judged.sum() >= 2:
-                    seed = _round_seed(inp.key)
-                    if gap_statistic(score[judged], seed, refs=refs) > 1:
-                        flagged[judged] = two_means_high(score[judged], seed)
-                        restart = True
+                score, flagged, restart = _judge(st, ids, valid, inp.key, cfg.fldetector_gap_refs)
 
         # the detection round aggregates its updates before judging them (module docstring);
         # the restart drops that aggregate
         weights = cand.astype(np.float32)
         aggregate = fedavg(updates, jnp.asarray(weights))
-
         if restart:
             st = st._replace(detected=np.asarray(True))
         elif not bool(state.detected):
-            st = _advance(st, w, aggregate, updates, ids, valid)
+            st = _advance(st, w, aggregate, updates, ids, valid, history)
         out = DefenseOutput(
             aggregate=aggregate,
             flagged=jnp.asarray(flagged),
@@ -348,22 +378,5 @@ def make_fldetector(ctx: DefenseContext) -> Defense:
             restart=restart,
         )
         return out, st
-
-    def _advance(st: FLDetectorState, w, aggregate, updates, ids, valid) -> FLDetectorState:
-        """Stores this round's trajectory pair, global model, aggregate and updates."""
-        if bool(st.has_prev):
-            s = np.asarray(w - st.prev_params)
-            y = np.asarray(aggregate - st.prev_aggregate)
-            if np.all(np.isfinite(s)) and np.all(np.isfinite(y)) and np.any(s != 0):
-                st = st._replace(pairs_s=np.concatenate([st.pairs_s[1:], s[None]]),
-                                 pairs_y=np.concatenate([st.pairs_y[1:], y[None]]),
-                                 num_pairs=np.asarray(min(int(st.num_pairs) + 1, history), np.int64))
-        has_update = np.zeros_like(st.has_update)
-        has_update[ids[valid]] = True
-        return st._replace(
-            rounds=np.asarray(int(st.rounds) + 1, np.int64), prev_params=w, prev_aggregate=aggregate,
-            has_prev=np.asarray(True),
-            prev_updates=store_updates(st.prev_updates, updates, jnp.asarray(ids), jnp.asarray(valid)),
-            has_update=has_update)
 
     return Defense("fldetector", init, apply)
