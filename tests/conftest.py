@@ -1,10 +1,8 @@
 import os
-import sys
 
 import jax
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # Tests run on the CPU unless FEDREDEFENSE_TEST_PLATFORM names another JAX platform ("" = JAX's
 # default, e.g. the GPU): experiments/gpu_check.sh runs the numerical tests on an accelerator.
 _PLATFORM = os.environ.get("FEDREDEFENSE_TEST_PLATFORM", "cpu")
@@ -12,6 +10,13 @@ if _PLATFORM:
     jax.config.update("jax_platforms", _PLATFORM)
 
 SHARED_DATA = os.environ.get("FEDREDEFENSE_DATA")
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that read the real datasets are slow (``pytest -m "not slow"`` leaves them out)."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedredefense_jax import checkpoint, runner, simulation
+from fedredefense_jax import checkpoint, simulation
 from test_data import write_idx_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from fedredefense_jax.attacks import register
-from fedredefense_jax.attacks.base import no_state, Attack, AttackContext, AttackInput, replace_malicious
+from fedredefense_jax.attacks.base import Attack, AttackContext, AttackInput, no_state, replace_malicious
 
 _CONSTANT = {"hostile_nan": jnp.nan, "hostile_inf": jnp.inf, "hostile_neg_inf": -jnp.inf,
              "hostile_huge": 1e30, "hostile_zero": 0.0}
