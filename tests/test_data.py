@@ -138,6 +138,7 @@ def test_normalize():
         normalize(np.zeros((2, 32, 32, 3), np.uint8), FMNIST)
 
 
+@pytest.mark.slow
 def test_import_does_not_pull_tensorflow():
     code = ("import sys, fedredefense_jax.data; "
             "assert 'tensorflow' not in sys.modules; "
@@ -449,12 +450,8 @@ def test_dir_without_tree(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def real_data_dir():
-    root = os.environ.get("FEDREDEFENSE_DATA")
-    if not root:
-        pytest.skip("FEDREDEFENSE_DATA not set: real-dataset tests skipped "
-                    "(point it at the shared data dir, e.g. ../shared/data)")
-    return os.path.abspath(root)
+def real_data_dir(shared_data):
+    return os.path.abspath(shared_data)
 
 
 @pytest.fixture(scope="session")

@@ -49,6 +49,7 @@ def _trainer(setup, layout, poisoning=None):
     return training.make_trainer(apply_fn, unravel, MEAN, STD, layout=layout, poisoning=poisoning, **KW)
 
 
+@pytest.mark.slow
 def test_label_maps_equal_training_on_relabelled_data(setup):
     """Client 2 flips y -> y+1 mod 10, client 3 relabels 0 -> 2: each malicious slot's update is
     the plain trainer's on the relabelled arrays, each benign slot's the plain one's."""
@@ -82,6 +83,7 @@ def backdoor_run(setup):
     return pz, poisoned, clean
 
 
+@pytest.mark.slow
 def test_benign_updates_unchanged_by_malicious_slots(backdoor_run):
     pz, poisoned, clean = backdoor_run
     np.testing.assert_allclose(poisoned[[1, 3]], clean[[1, 3]], atol=1e-6, rtol=0)
@@ -89,6 +91,7 @@ def test_benign_updates_unchanged_by_malicious_slots(backdoor_run):
     assert bool(pz.backdoor[2]) and bool(pz.backdoor[3]) and not pz.backdoor[:2].any()
 
 
+@pytest.mark.slow
 def test_backdoor_slot_trains_a_poisoned_then_a_clean_epoch(setup, backdoor_run):
     """A hand-written reference: epoch 1 on every sample stamped with the trigger and labelled
     0, epoch 2 on the clean data, each with its own shuffle (keys split(key, 2))."""
@@ -116,6 +119,7 @@ def test_backdoor_slot_trains_a_poisoned_then_a_clean_epoch(setup, backdoor_run)
     np.testing.assert_allclose(poisoned[slot], np.asarray(w - w0), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_mixed_backdoor_equals_plain_training_on_data_plus_poisoned_copy(setup):
     """``poisoning="mixed"``: a backdoor slot's update is the plain trainer's on its data
     followed by a stamped copy labelled 0 (2n samples, padded to 2 n_max, same key); benign
@@ -197,6 +201,7 @@ def test_trigger_pixels_option_moves_the_trigger():
             validate(cfg)
 
 
+@pytest.mark.slow
 def test_asr_matches_a_hand_count(setup):
     w0, unravel, apply_fn = setup[:3]
     rng = np.random.default_rng(1)
@@ -247,6 +252,7 @@ def test_scaling_and_dba_multiply_the_poisoned_update():
     assert attacks.make("label_flip", _ctx()).asr is None and attacks.make("mpaf", _ctx()).poison is None
 
 
+@pytest.mark.slow
 def test_scaling_run_records_asr(tmp_path):
     d = tmp_path / "fm"
     write_idx_dir(d, n_train=96, n_test=40)
@@ -265,6 +271,7 @@ def test_scaling_run_records_asr(tmp_path):
     assert rows[0]["malicious"] == [2, 3]
 
 
+@pytest.mark.slow
 def test_local_backdoor_repeats_one_clients_genuine_update(tmp_path):
     d = tmp_path / "fm"
     write_idx_dir(d, n_train=96, n_test=40)

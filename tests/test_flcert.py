@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import tiny
 from fedredefense_jax import attacks, defenses, partition, simulation, training
@@ -88,6 +89,7 @@ def test_majority_vote_matches_a_hand_count():
     np.testing.assert_array_equal(training.majority_vote(preds), [1, 2, 3, 0, 5])
 
 
+@pytest.mark.slow
 def test_trainer_with_per_slot_start_models_equals_one_call_per_model():
     _, w0, unravel, apply_fn = tiny.tiny_setup()
     x, y, counts = tiny.tiny_clients([12, 9, 15])
@@ -102,6 +104,7 @@ def test_trainer_with_per_slot_start_models_equals_one_call_per_model():
     assert not np.allclose(both[0], both[1])
 
 
+@pytest.mark.slow
 def test_ensemble_predictor_votes():
     _, w0, unravel, apply_fn = tiny.tiny_setup()
     predict = training.make_predictor(apply_fn, unravel, (0.5,), (0.25,), batch=8)
@@ -125,6 +128,7 @@ def _capturing(attack):
     return dataclasses.replace(attack, apply=apply), seen
 
 
+@pytest.mark.slow
 def test_attacks_under_flcert_use_their_groups_model_and_pool_by_group():
     """MPAF crafts ``3 (w0 - w_g)`` from the slot's own group model, and the statistics
     attacks see each slot's group, as FLCert's evaluation attacks each group."""

@@ -14,6 +14,8 @@ import pytest
 from test_data import write_idx_dir
 from test_resume import _env, _records, _rounds_written
 
+pytestmark = pytest.mark.slow  # every test runs experiments/grid.py or run.py
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = os.path.join(ROOT, "experiments", "grid.py")
 

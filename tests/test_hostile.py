@@ -12,6 +12,8 @@ from fedredefense_jax import attacks, defenses, experiment, simulation
 from fedredefense_jax.config import ExperimentConfig
 from test_data import write_idx_dir
 
+pytestmark = pytest.mark.slow  # builds and steps a federation per defense
+
 KINDS = ("hostile_nan", "hostile_inf", "hostile_neg_inf", "hostile_huge", "hostile_zero", "hostile_copy")
 
 

@@ -37,6 +37,7 @@ def test_conv_impls_agree(padding):
     (lambda impl: models.ConvNet(width=8, num_classes=10, conv_impl=impl), (28, 28, 1)),
     (lambda impl: models.ConvNet(width=8, num_classes=10, conv_impl=impl), (32, 32, 3)),
 ])
+@pytest.mark.slow
 def test_models_same_outputs_and_grads_for_both_conv_impls(make, shape):
     """Narrow versions of both architectures (same code paths, less compute)."""
     mx, mm = make("xla"), make("matmul")
@@ -73,6 +74,7 @@ def test_pool_floor_on_odd_sizes():
     ("cnn", "cifar10", (32, 32, 3), 30),  # 32 -> 30 -> 15 -> 13 -> 6: rows/cols 30-31 dropped
     ("convnet", "fashion_mnist", (28, 28, 1), 28),  # padded convolutions read every pixel
 ])
+@pytest.mark.slow
 def test_unseen_pixels_are_the_rows_and_columns_floor_pooling_drops(name, dataset, shape, blind_from):
     m = models.build_model(name, dataset)
     params = models.init_params(m, jax.random.key(0), shape)

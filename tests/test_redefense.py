@@ -94,6 +94,7 @@ def slice_k(kn, i):
 # ---------------------------------------------------------------------------- (a) gradient
 
 
+@pytest.mark.slow
 def test_outer_gradient_matches_central_differences():
     with jax.enable_x64(True):
         k = jax.random.split(jax.random.PRNGKey(0), 6)
@@ -159,6 +160,7 @@ def batched_nocompact(rec, setup, three):
     return rec.reconstruct(kn, setup["w0"], updates, caps, np.ones(3, bool), compact=False)
 
 
+@pytest.mark.slow
 def test_batched_equals_per_client(rec, setup, three, batched_nocompact):
     updates, kn, caps = three
     res = batched_nocompact
@@ -172,6 +174,7 @@ def test_batched_equals_per_client(rec, setup, three, batched_nocompact):
         np.testing.assert_allclose(one.knowledge.alpha[0], res.knowledge.alpha[i], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_vmap_layout_equals_map_layout(setup, cfg, three, batched_nocompact):
     updates, kn, caps = three
     rec_v = rd.Reconstructor(setup["model"].apply, setup["unravel"],
@@ -184,6 +187,7 @@ def test_vmap_layout_equals_map_layout(setup, cfg, three, batched_nocompact):
 # ------------------------------------------------------------ (d) compaction is exact
 
 
+@pytest.mark.slow
 def test_compaction_matches_no_compaction(rec, setup, three, batched_nocompact):
     updates, kn, caps = three
     res = rec.reconstruct(kn, setup["w0"], updates, caps, np.ones(3, bool), compact=True)
@@ -198,6 +202,7 @@ def test_compaction_matches_no_compaction(rec, setup, three, batched_nocompact):
     assert lens[0] == rec.cfg.first_chunk and max(lens) <= rec.cfg.chunk
 
 
+@pytest.mark.slow
 def test_long_reconstruction_logs_progress_per_chunk(rec, setup, three, monkeypatch, caplog):
     updates, kn, caps = three
     monkeypatch.setattr(rd, "PROGRESS_AFTER_S", 0.0)  # every reconstruction counts as long
@@ -242,6 +247,7 @@ def round1(setup, defense):
     return state, out, new_state
 
 
+@pytest.mark.slow
 def test_genuine_reconstructs_random_does_not(round1):
     """Real defaults (gamma 0.6, N 5, Table 7 Fashion-MNIST, first cap 800)."""
     _, out, _ = round1
@@ -253,6 +259,7 @@ def test_genuine_reconstructs_random_does_not(round1):
     np.testing.assert_array_equal(out.weights, [1.0, 0.0])
 
 
+@pytest.mark.slow
 def test_defense_flags_nonfinite_and_zero_updates(setup, defense, round1):
     _, _, state = round1
     g = setup["g"]
@@ -278,6 +285,7 @@ def test_defense_flags_nonfinite_and_zero_updates(setup, defense, round1):
     assert bool(new_state.knowledge.seen[0]) and not bool(new_state.knowledge.seen[1])
 
 
+@pytest.mark.slow
 def test_only_participants_knowledge_changes(round1):
     old, _, new = round1
     for a, b in zip(jax.tree_util.tree_leaves(old.knowledge),
@@ -334,6 +342,7 @@ def test_iteration_caps_per_variant():
     np.testing.assert_array_equal(rd.iteration_caps(inter, seen, last, 13), [500, 500, 0])
 
 
+@pytest.mark.slow
 def test_fixed_count_variant_reports_loss_after_steps(rec, setup, cfg):
     """Continuous/intermittent: no early stop, error = loss with the final knowledge;
     cap 0 = inference only (error = loss with the current knowledge, knowledge unchanged)."""
@@ -377,6 +386,7 @@ def test_search_scale_finds_the_largest_unflagged_grid_factor():
 LATER_CAP = 12  # few enough that the error grows with the factor within the search's range
 
 
+@pytest.mark.slow
 def test_adaptive_search_against_the_real_reconstruction(setup, round1):
     """With the defender's knowledge of client 0 after round 1 and a later cap of 12 outer
     iterations (so that the error grows with the factor inside the search's range: the

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPORT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "report.py")
 
 
@@ -19,6 +21,7 @@ def _report(*args):
     return subprocess.run([sys.executable, REPORT, *args], capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_curves_table_rows_columns_and_cells(tmp_path):
     a, b = str(tmp_path / "fedavg__none"), str(tmp_path / "fedavg__scaling")
     _write_run(a, [{"round": 1}, {"round": 2, "test_acc": 0.5}, {"round": 4, "test_acc": 0.61234}])
@@ -33,6 +36,7 @@ def test_curves_table_rows_columns_and_cells(tmp_path):
     assert chosen[0] == "| run | round 4 |" and chosen[3] == "| fedavg__scaling | - |"
 
 
+@pytest.mark.slow
 def test_curves_errors_name_the_fault(tmp_path):
     missing = _report("--curves", str(tmp_path / "nope"))
     assert missing.returncode != 0 and "rounds.jsonl not found" in missing.stderr
@@ -40,6 +44,7 @@ def test_curves_errors_name_the_fault(tmp_path):
     assert bad.returncode != 0 and "--curves takes comma-separated round numbers" in bad.stderr
 
 
+@pytest.mark.slow
 def test_summary_sums_round_times_over_a_resumed_run(tmp_path):
     """A resumed run's summary.json holds only the last process's wall time; the table
     must also give the time of every round, so that a 66-minute first round is not lost."""
@@ -83,6 +88,7 @@ def test_plot_draws_every_evaluation_of_every_run(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_plot_errors_name_the_flag(tmp_path):
     run = str(tmp_path / "r")
     _write_run(run, [{"round": 1, "test_acc": 0.5}])

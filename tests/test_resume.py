@@ -77,6 +77,7 @@ def uninterrupted(data, tmp_path_factory):
         return out, json.load(f)
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_equals_uninterrupted(data, uninterrupted, tmp_path):
     out = str(tmp_path / "out")
     proc = _start_and_wait(data, out, rounds_before_signal=4)
@@ -95,6 +96,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(data, uninterrupted, tmp_path):
     assert _records(out) == _records(ref_out)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_stops(data, uninterrupted, tmp_path):
     out = str(tmp_path / "out")
     proc = _start_and_wait(data, out, rounds_before_signal=3)
@@ -113,6 +115,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(data, uninterrupted, tmp_path):
         assert _comparable(json.load(f)) == _comparable(uninterrupted[1])
 
 
+@pytest.mark.slow
 def test_output_dir_of_another_configuration_is_refused(data, uninterrupted, tmp_path):
     ref_out, _ = uninterrupted
     before = sorted(os.listdir(os.path.join(ref_out, "checkpoints")))
@@ -123,6 +126,7 @@ def test_output_dir_of_another_configuration_is_refused(data, uninterrupted, tmp
     assert sorted(os.listdir(os.path.join(ref_out, "checkpoints"))) == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_run_of_another_configuration(data, uninterrupted, tmp_path):
     import shutil
 
@@ -137,6 +141,7 @@ def test_overwrite_replaces_a_run_of_another_configuration(data, uninterrupted, 
     assert _rounds_written(out) == 2
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_gives_one_line_and_is_kept(data, uninterrupted, tmp_path):
     import shutil
 

@@ -13,6 +13,8 @@ from fedredefense_jax import runner
 from fedredefense_jax.config import ConfigError, ExperimentConfig
 from test_data import write_idx_dir
 
+pytestmark = pytest.mark.slow  # runs experiments/run.py or whole experiments
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "experiments", "run.py")
 

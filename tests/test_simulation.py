@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import tiny
 from fedredefense_jax import attacks, defenses, metrics, partition, simulation
@@ -30,6 +31,7 @@ def test_sampling_is_uniform_enough():
     assert counts.sum() == 1200 and counts.min() > 80 and counts.max() < 160
 
 
+@pytest.mark.slow
 def test_a_tiny_weight_is_recorded_as_aggregated_not_excluded():
     """Weights are rounded to 6 decimals in the record; whether an update entered the
     aggregate is recorded apart, and the metrics (AAR, ADACC) read that."""

@@ -6,6 +6,8 @@ import pytest
 from fedredefense_jax import training
 from tiny import tiny_clients, tiny_setup
 
+pytestmark = pytest.mark.slow  # compiles and runs the batched trainer
+
 MEAN, STD = (0.5,), (0.25,)
 
 

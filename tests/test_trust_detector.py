@@ -93,6 +93,7 @@ def test_fltrust_hostile_rows_stay_finite():
     assert not np.asarray(weights).any() and not np.asarray(agg).any() and np.isnan(n0)
 
 
+@pytest.mark.slow
 def test_fltrust_trains_the_server_update_on_the_root_data():
     _, w0, unravel, apply_fn = tiny_setup()
     x, y, counts = tiny_clients([20])
@@ -205,6 +206,7 @@ def planted_run(seed, rounds, num_clients=10, q=3, attack="noise", config=None, 
     return outs, state
 
 
+@pytest.mark.slow
 def test_fldetector_flags_inconsistent_clients_after_cold_start():
     outs, state = planted_run(0, rounds=10)
     for t, (g, out) in enumerate(outs, start=1):
@@ -226,6 +228,7 @@ def test_fldetector_flags_inconsistent_clients_after_cold_start():
     assert bool(state.detected)
 
 
+@pytest.mark.slow
 def test_fldetector_first_detection_at_cold_start_plus_window_gives_aar_60():
     """The paper's defaults (cold start 50, window 10): detection at round 60, and a caught
     attacker was aggregated in rounds 1-60 (Table 1's AAR 60), then never again."""
@@ -238,6 +241,7 @@ def test_fldetector_first_detection_at_cold_start_plus_window_gives_aar_60():
     assert metrics.aar(weights, np.arange(10) >= 7) == 60
 
 
+@pytest.mark.slow
 def test_fldetector_no_detection_without_attack():
     outs, _ = planted_run(0, rounds=20, num_clients=20, q=0,
                           config={"fldetector_cold_start": 5, "fldetector_window": 10, "fldetector_history": 4})
@@ -245,6 +249,7 @@ def test_fldetector_no_detection_without_attack():
     assert np.isfinite(outs[-1][1].info["suspicious_score"]).all()
 
 
+@pytest.mark.slow
 def test_fldetector_nan_rows_are_least_consistent_and_never_averaged():
     outs, _ = planted_run(1, rounds=5, attack="nan",
                           config={"fldetector_cold_start": 2, "fldetector_window": 2, "fldetector_history": 4})
@@ -281,6 +286,7 @@ def test_fldetector_refuses_partial_participation():
 # ----------------------------------------------------------------------------- restart hook
 
 
+@pytest.mark.slow
 def test_restart_resets_the_global_model_and_keeps_counting_rounds():
     _, w0, unravel, apply_fn = tiny_setup()
     x, y, counts = tiny_clients([12, 12, 12])
