@@ -30,6 +30,7 @@ from fedredefense_jax.settings import Settings, base_type, coerce, type_hints
 
 FLAGS = flags.FLAGS
 PLUGIN_KINDS = {"attack": attacks, "defense": defenses}
+_SPECS: dict[str, tuple] = {}  # setting name -> (type hint, Spec) of the flags defined here
 
 
 def _validator(name: str, hint, spec):
@@ -65,8 +66,12 @@ def _define_settings(cls: type[Settings], *, unset: bool) -> list[str]:
     default named in the help."""
     hints = type_hints(cls)
     for name, field in cls.fields().items():
+        spec = (hints[field.name], field.metadata["spec"])
         if name in FLAGS:
+            if _SPECS.get(name) != spec:  # one name, one meaning
+                raise ValueError(f"setting {name} of {cls.__name__} differs from the flag --{name} already defined")
             continue
+        _SPECS[name] = spec
         help_text = field.metadata["spec"].help
         if unset and "Table 7" not in help_text and field.default is not None:
             help_text += f" (default: {_shown(field.default)})"
@@ -102,10 +107,17 @@ def plugin_config(kind: str) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"{kind}_config", f"{item!r} is not key=value")
-        if key in given and FLAGS[key].present and str(given[key]) != value:
+        if key in given and _differ(key, given[key], value):
             raise ConfigError(key, f"given twice, as --{key}={given[key]} and in --{kind}_config as {value}")
         given[key] = value
     return given
+
+
+def _differ(name: str, a, b) -> bool:
+    try:
+        return coerce(name, a, *_SPECS[name]) != coerce(name, b, *_SPECS[name])
+    except ConfigError:
+        return True
 
 
 def experiment_config(**overrides) -> ExperimentConfig:
