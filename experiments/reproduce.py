@@ -1,0 +1,106 @@
+"""One command per table and figure of the paper: runs the missing cells, then writes the page.
+
+    python experiments/reproduce.py --target=table2 --scale=small --data_dir=../shared/data/fashion_mnist
+    python experiments/reproduce.py --target=fig2 --scale=paper --cifar10_dir=../shared/data/cifar10_jpeg.tar.gz
+    python experiments/reproduce.py --target=table2 --scale=small --render_only
+
+Targets: table1 (DACC / FPR / FNR / AAR of FedREDefense and FLDetector), table2 (TACC / ASR,
+attack x defense), table3 (FedREDefense with FedAvg or Norm Bound under the label flips and
+adaptive attacks), table8 (ADACC / AFPR / AFNR / AAR of FLAME, FLTrust and FLDetector),
+table9 (AOI of the three FedREDefense variants), table10 (reconstruction errors), fig2-fig5
+(malicious fraction, non-IID degree, local epochs, participation rate). Scales: smoke (a
+minute-sized check that everything runs and renders), small (30 clients / 8 malicious, 10
+rounds: about an hour per target on a 2-core CPU), paper (the paper's settings: 100 / 28,
+500 rounds, its sweeps and datasets).
+
+Every cell is an ordinary run (``fedredefense_jax.runner.run``) in
+``ROOT/<scale>/<dataset>/<cell>``; targets that need the same configuration share the
+directory. Finished cells are skipped; a finished run with the same settings anywhere under
+``--root`` (or ``--reuse_from``) is read instead of running the cell again; SIGINT/SIGTERM
+stop after the running cell's current round with a checkpoint (exit code 130) and the same
+command resumes. The page: ``OUT/<target>.md`` (measured [paper], cell by cell, with the
+settings, the commits of the runs and the command), ``OUT/<target>.png`` and
+``OUT/<target>_latency.png``. ``--render_only`` rewrites them from the runs alone (the
+same bytes when no run changed).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fedredefense_jax import reproduction
+from fedredefense_jax.runner import ConfigError, Stopped
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("target", None, reproduction.TARGETS, "The table or figure to reproduce.")
+flags.DEFINE_enum("scale", None, reproduction.SCALES, "smoke, small or paper (see the module docstring).")
+flags.DEFINE_string("root", "results/runs", "Run directories: ROOT/<scale>/<dataset>/<cell>.")
+flags.DEFINE_string("out", None, "Where the page and figures go (default: results; results/smoke at smoke scale).")
+flags.DEFINE_bool("render_only", False, "Only rewrite the page from the existing runs (run nothing).")
+flags.DEFINE_bool("dry_run", False, "Only list the cells, where each is read from, and which would run.")
+flags.DEFINE_string("data_dir", None, "Fashion-MNIST files (IDX directory; unset: downloaded into the cache).")
+flags.DEFINE_string("cifar10_dir", None, "CIFAR-10 (image-folder tree or .tar.gz, e.g. "
+                    "../shared/data/cifar10_jpeg.tar.gz; unset: downloaded into the cache).")
+flags.DEFINE_string("cinic_dir", None, "CINIC-10 (image-folder tree or its .tar.gz). CINIC-10 cells exist only "
+                    "when it is given.")
+flags.DEFINE_list("datasets", [], "Replace the scale's datasets for this target (fashion_mnist, cifar10, cinic10).")
+flags.DEFINE_list("attacks", [], "Replace the target's attacks (its rows, or the figures' panels).")
+flags.DEFINE_list("reuse_from", [], "More directories searched for finished runs with a cell's settings.")
+flags.DEFINE_string("jax_cache_dir", None, "JAX's persistent compilation cache (default: "
+                    "$FEDREDEFENSE_CACHE/jax or ~/.cache/fedredefense_jax/jax; empty: none).")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # between cells; during one the runner stops it after the round, with a checkpoint
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.target is None or FLAGS.scale is None:
+        raise app.UsageError("--target and --scale are required")
+    logging.set_verbosity(logging.INFO)
+    data_dirs = {"fashion_mnist": FLAGS.data_dir, "cifar10": FLAGS.cifar10_dir, "cinic10": FLAGS.cinic_dir}
+    out = FLAGS.out or (os.path.join("results", "smoke") if FLAGS.scale == "smoke" else "results")
+    try:
+        page = reproduction.build_page(FLAGS.target, FLAGS.scale, data_dirs, FLAGS.datasets or None,
+                                       FLAGS.attacks or None)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if FLAGS.dry_run:
+        for loc in reproduction.locate(page, FLAGS.root, data_dirs, FLAGS.reuse_from):
+            state = ("finished" if loc.run_dir == loc.own_dir else f"read from {loc.run_dir}" if loc.run_dir
+                     else "to run")
+            print(f"{loc.own_dir}: {state}")
+        return 0
+    if not FLAGS.render_only:
+        cache = reproduction.default_cache_dir() if FLAGS.jax_cache_dir is None else FLAGS.jax_cache_dir
+        reproduction.enable_compilation_cache(cache)
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        done = reproduction.reproduce(FLAGS.target, FLAGS.scale, FLAGS.root, out, data_dirs,
+                                      render_only=FLAGS.render_only, datasets=FLAGS.datasets or None,
+                                      attacks=FLAGS.attacks or None, search=FLAGS.reuse_from,
+                                      log=lambda m: logging.info("%s", m))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (Stopped, KeyboardInterrupt) as e:
+        why = str(e) if isinstance(e, Stopped) else "interrupted"
+        print(f"{why}; the page holds the finished cells; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(f"{FLAGS.target} at {FLAGS.scale} scale: {done['finished']} of {done['cells']} cells finished "
+          f"({done['reused']} read from other run directories, {done['ran']} run now); wrote "
+          + ", ".join(done["files"]))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
