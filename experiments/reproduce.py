@@ -43,6 +43,8 @@ flags.DEFINE_enum("scale", None, reproduction.SCALES, "smoke, small or paper (se
 flags.DEFINE_string("root", "results/runs", "Run directories: ROOT/<scale>/<dataset>/<cell>.")
 flags.DEFINE_string("out", None, "Where the page and figures go (default: results; results/smoke at smoke scale).")
 flags.DEFINE_bool("render_only", False, "Only rewrite the page from the existing runs (run nothing).")
+flags.DEFINE_bool("overwrite", False, "Replace a cell directory that holds a run of other settings (a cell whose "
+                  "definition changed); otherwise such a cell stops the reproduction before anything runs.")
 flags.DEFINE_bool("dry_run", False, "Only list the cells, where each is read from, and which would run.")
 flags.DEFINE_string("data_dir", None, "Fashion-MNIST files (IDX directory; unset: downloaded into the cache).")
 flags.DEFINE_string("cifar10_dir", None, "CIFAR-10 (image-folder tree or .tar.gz, e.g. "
@@ -77,7 +79,7 @@ def main(argv):
     if FLAGS.dry_run:
         for loc in reproduction.locate(page, FLAGS.root, data_dirs, FLAGS.reuse_from):
             state = ("finished" if loc.run_dir == loc.own_dir else f"read from {loc.run_dir}" if loc.run_dir
-                     else "to run")
+                     else "to run, replacing a run of other settings" if loc.conflict else "to run")
             print(f"{loc.own_dir}: {state}")
         return 0
     if not FLAGS.render_only:
@@ -87,7 +89,7 @@ def main(argv):
     try:
         done = reproduction.reproduce(FLAGS.target, FLAGS.scale, FLAGS.root, out, data_dirs,
                                       render_only=FLAGS.render_only, datasets=FLAGS.datasets or None,
-                                      attacks=FLAGS.attacks or None, search=FLAGS.reuse_from,
+                                      attacks=FLAGS.attacks or None, search=FLAGS.reuse_from, overwrite=FLAGS.overwrite,
                                       log=lambda m: logging.info("%s", m))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

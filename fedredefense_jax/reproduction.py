@@ -516,6 +516,7 @@ class Location:
     config: runner.ExperimentConfig  # what runs in own_dir
     run_dir: str | None  # the finished run read for the cell (None: not finished)
     reused: bool = False  # run_dir is another run's directory
+    conflict: bool = False  # own_dir holds a run of other settings (replaced only with overwrite)
 
 
 def index_runs(roots: Iterable[str]) -> dict[tuple[str, bool], list[str]]:
@@ -561,7 +562,7 @@ def locate(page: Page, root: str, data_dirs: dict, search: Iterable[str] = ()) -
         same = _key_of(mine, exact) == key
         if same and mine.get("data_dir") != cfg.data_dir:  # the same data under another spelling, or any
             cfg = dataclasses.replace(cfg, data_dir=mine.get("data_dir"))
-        loc = Location(cell, own, cfg, None)
+        loc = Location(cell, own, cfg, None, conflict=mine is not None and not same)
         if same and finished(own, cell.rounds):
             loc.run_dir = own
         else:
@@ -573,10 +574,14 @@ def locate(page: Page, root: str, data_dirs: dict, search: Iterable[str] = ()) -
     return out
 
 
-def validate(locations: list[Location]) -> None:
-    """Raises runner.ConfigError (message naming the cell) for a cell that cannot run."""
+def validate(locations: list[Location], overwrite: bool = False) -> None:
+    """Raises runner.ConfigError (message naming the cell) for a cell that cannot run: bad
+    settings, or a directory holding a run of other settings (unless ``overwrite``)."""
     for loc in locations:
         if loc.run_dir is None:
+            if loc.conflict and not overwrite:
+                raise runner.ConfigError("overwrite", f"{loc.own_dir} holds a run with other settings (the cell's "
+                                                      "definition changed?); --overwrite replaces it")
             try:
                 runner.validate(loc.config)
             except runner.ConfigError as e:
@@ -584,7 +589,7 @@ def validate(locations: list[Location]) -> None:
                                                  f"{e}") from None
 
 
-def run_missing(locations: list[Location], log: Callable[[str], None] = print) -> int:
+def run_missing(locations: list[Location], log: Callable[[str], None] = print, overwrite: bool = False) -> int:
     """Runs every cell that has no finished run, in order (resuming or extending what its
     directory holds); returns how many ran. Raises runner.Stopped after SIGINT/SIGTERM (the
     stopped cell's checkpoint is saved) and runner.ConfigError for a cell that cannot run."""
@@ -592,7 +597,7 @@ def run_missing(locations: list[Location], log: Callable[[str], None] = print) -
     for i, loc in enumerate(todo, 1):
         log(f"cell {i}/{len(todo)}: {loc.own_dir}")
         try:
-            run_cell(loc.config)
+            run_cell(dataclasses.replace(loc.config, overwrite=True) if loc.conflict and overwrite else loc.config)
         except runner.Stopped as e:
             raise runner.Stopped(f"cell {loc.own_dir}: {e}") from None
         except runner.ConfigError as e:
@@ -1040,11 +1045,17 @@ def _bars(ax, groups: list[str], series: list[tuple[str, list, list]], ylabel: s
     the paper's values as black ticks over the bars."""
     n = max(1, len(series))
     width = 0.8 / n
+    any_missing = False
     x = np.arange(len(groups))
     for k, (label, measured, ref) in enumerate(series):
         pos = x - 0.4 + width * (k + 0.5)
         color = COLORS.get(next((f for f, n in DEFENSE_NAMES.items() if n == label), ""), f"C{k % 10}")
         ax.bar(pos, [v if _finite(v) else 0.0 for v in measured], width, label=label, color=color)
+        missing = [p for p, v in zip(pos, measured) if not _finite(v)]
+        if missing:
+            ax.scatter(missing, [0.0] * len(missing), marker="x", s=14, color="0.6", zorder=3, clip_on=False,
+                       label="not run" if not any_missing else None)
+            any_missing = True
         pts = [(p, v) for p, v in zip(pos, ref) if _finite(v)]
         if pts:
             ax.scatter([p for p, _ in pts], [v for _, v in pts], marker="_", s=60, color="black", zorder=3,
@@ -1220,7 +1231,7 @@ def render(page: Page, locations: list[Location], root: str, out: str, data_dirs
 
 def reproduce(target: str, scale: str, root: str, out: str, data_dirs: dict | None = None, *,
               render_only: bool = False, datasets=None, attacks=None, search: Iterable[str] = (),
-              log: Callable[[str], None] = print) -> dict:
+              overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
     """Runs the target's missing cells (unless ``render_only``) and writes its page.
 
     Returns ``{"ran": cells run, "cells": count, "finished": count, "reused": count,
@@ -1232,9 +1243,9 @@ def reproduce(target: str, scale: str, root: str, out: str, data_dirs: dict | No
     locations = locate(page, root, data_dirs, search)
     ran = 0
     if not render_only:
-        validate(locations)
+        validate(locations, overwrite)
         try:
-            ran = run_missing(locations, log)
+            ran = run_missing(locations, log, overwrite)
         except runner.Stopped:
             render(page, locate(page, root, data_dirs, search), root, out, data_dirs)
             raise

@@ -206,6 +206,24 @@ def test_comparison_ignores_another_defenses_settings_and_data_dir_spelling(tmp_
         {**rcfg, "defense_config": {**rcfg["defense_config"], "later_cap": 30}})
 
 
+def test_a_cell_directory_of_other_settings_stops_before_anything_runs(tmp_path, monkeypatch):
+    page = reproduction.build_page("table9", "smoke", {})
+    cell = page.unique_cells()[0]
+    own = reproduction.cell_dir(str(tmp_path), page.scale, cell)
+    os.makedirs(own)
+    cfg = reproduction.make_config(cell, page.scale, None, own)
+    with open(os.path.join(own, "config.json"), "w") as f:
+        json.dump(reproduction.recorded(dataclasses.replace(cfg, beta=0.5)), f)
+    ran = []
+    monkeypatch.setattr(reproduction, "run_cell", ran.append)
+    with pytest.raises(runner.ConfigError, match="--overwrite"):
+        reproduction.reproduce("table9", "smoke", str(tmp_path), str(tmp_path / "out"), {})
+    assert ran == []
+    r = reproduction.reproduce("table9", "smoke", str(tmp_path), str(tmp_path / "out"), {}, overwrite=True)
+    assert [c.overwrite for c in ran] == [True, False, False] and r["finished"] == 0
+    assert "| Fang | Continuous | - [-] | - [-] |" in _read(str(tmp_path / "out" / "table9.md"))
+
+
 # ---------------------------------------------------------------------------- smoke scale, end to end
 
 
