@@ -2,11 +2,13 @@
 
 * ``config.json``: the configuration, every attack / defense setting filled in
   (:func:`recorded_config`); a different one in the same directory is refused unless
-  ``overwrite`` (:func:`prepare_output_dir`);
+  ``overwrite`` (:func:`prepare_output_dir`); :func:`read_config` reads it, and
+  :func:`upgrade_config` / :func:`comparable` / :func:`settings_key` say whether two runs,
+  of any version, have the same settings;
 * ``rounds.jsonl``: one JSON object per round, appended and flushed each round
   (:class:`RoundLog`, :func:`read_rounds`);
-* ``summary.json``: config, final metrics, time, environment, rewritten atomically
-  (:func:`write_json`, :func:`read_summary`);
+* ``summary.json``: config, final metrics, time, environment (:func:`environment`, with
+  the code's commit), rewritten atomically (:func:`write_json`, :func:`read_summary`);
 * ``checkpoints/``: written by ``checkpoint.Checkpointer``.
 """
 
@@ -18,6 +20,7 @@ import math
 import os
 import platform
 import shutil
+import subprocess
 import tempfile
 
 import numpy as np
@@ -70,6 +73,13 @@ def write_json(path: str, obj) -> None:
 def read_summary(run_dir: str) -> dict:
     """``summary.json`` of ``run_dir`` (OSError / ValueError when missing or unreadable)."""
     with open(os.path.join(run_dir, SUMMARY)) as f:
+        return json.load(f)
+
+
+def read_config(run_dir: str) -> dict:
+    """``config.json`` of ``run_dir`` as written, of whatever version (OSError / ValueError
+    when missing or unreadable; :func:`upgrade_config` reads it as today's)."""
+    with open(os.path.join(run_dir, CONFIG)) as f:
         return json.load(f)
 
 
@@ -133,7 +143,7 @@ class RoundLog:
 
 
 def environment() -> dict:
-    """Versions and device, so that a run can be repeated."""
+    """Versions, device and the code's commit (:func:`git_commit`), so that a run can be repeated."""
     import flax
     import jax
     import optax
@@ -144,8 +154,26 @@ def environment() -> dict:
         "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "backend": jax.default_backend(),
         "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}", "num_devices": jax.device_count(),
-        "host": platform.node(),
+        "host": platform.node(), "git_commit": git_commit(),
     }
+
+
+def git_commit(path: str | None = None) -> str | None:
+    """``git rev-parse HEAD`` of the repository holding ``path`` (default: this package), with
+    ``-dirty`` appended when a tracked file differs from it; None when it is not in a git
+    checkout or git is missing or fails (never raises). Takes no lock on the repository."""
+    path = path or os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "--no-optional-locks", "-C", path, *args], capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "") if head else None
 
 
 def recorded_config(cfg: config_lib.ExperimentConfig) -> dict:
@@ -160,7 +188,9 @@ def recorded_config(cfg: config_lib.ExperimentConfig) -> dict:
 def upgrade_config(recorded: dict) -> dict:
     """A config.json of any version as :func:`recorded_config` writes it today: old setting
     names renamed, settings the run's attack / defense does not take dropped (they never
-    acted), the others filled in. ConfigError naming the file's setting if one is refused."""
+    acted), the others filled in; the experiment's own settings typed, those it lacks at
+    their defaults (keys that are no setting today are kept). ConfigError naming the file's
+    setting if one is refused."""
     out = dict(recorded)
     for key, kind, registry in (("attack_config", "attack", config_lib.attacks_lib),
                                 ("defense_config", "defense", config_lib.defenses_lib)):
@@ -173,7 +203,12 @@ def upgrade_config(recorded: dict) -> dict:
         except ValueError as e:
             raise ConfigError(e.flag if isinstance(e, ConfigError) else kind, f"recorded {e}") from None
         out[key] = jsonable(settings.as_dict())
-    return out
+    own = config_lib.ExperimentConfig.fields()
+    try:
+        typed = config_lib.ExperimentConfig(**{f.name: out[n] for n, f in own.items() if n in out})
+    except ConfigError as e:
+        raise ConfigError(e.flag, f"recorded {e.message}") from None
+    return out | {n: jsonable(getattr(typed, f.name)) for n, f in own.items()}
 
 
 def prepare_output_dir(cfg: config_lib.ExperimentConfig) -> None:
@@ -197,7 +232,7 @@ def prepare_output_dir(cfg: config_lib.ExperimentConfig) -> None:
         except (OSError, ValueError) as e:
             raise ConfigError("output_dir", f"{cfg_path} is unreadable ({e}); pass --overwrite to replace "
                                             "the run or choose another --output_dir") from None
-        a, b = _comparable(old), _comparable(mine)
+        a, b = comparable(old), comparable(mine)
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         if diff:
             shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:4])
@@ -210,10 +245,23 @@ def prepare_output_dir(cfg: config_lib.ExperimentConfig) -> None:
     write_json(cfg_path, mine)
 
 
-def _comparable(config: dict) -> dict:
-    """The settings of ``config`` that must match for a resume, plug-in settings flattened
-    (``attack_config.attack_scale``), so a refusal names the setting that differs."""
+def comparable(config: dict) -> dict:
+    """The settings of an upgraded ``config`` (:func:`upgrade_config`) that must match for a
+    resume, plug-in settings flattened (``attack_config.attack_scale``), so a refusal names
+    the setting that differs."""
     out = {k: v for k, v in config.items() if k not in _RESUMABLE_CHANGES + ("attack_config", "defense_config")}
     for key in ("attack_config", "defense_config"):
         out.update({f"{key}.{k}": v for k, v in config.get(key, {}).items()})
     return out
+
+
+def settings_key(recorded: dict, data_dir: bool = True) -> str:
+    """A string equal for two recorded configs (of any version) whose runs have the same
+    settings: :func:`comparable` of the upgraded config, the data directory by its real path
+    (a relative one from the working directory) or, with ``data_dir=False``, left out.
+    ConfigError when the config is refused (:func:`upgrade_config`)."""
+    out = comparable(upgrade_config(recorded))
+    path = out.get("data_dir")
+    out["data_dir"] = (os.path.realpath(path) if isinstance(path, str) and os.path.exists(path) else path) \
+        if data_dir else None
+    return json.dumps(out, sort_keys=True)

@@ -1,0 +1,50 @@
+"""records.environment() names the code's commit: ``git rev-parse HEAD`` of the package's
+repository, ``-dirty`` when a tracked file differs from it, None outside a checkout or
+without git, and never an error."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from fedredefense_jax import records
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+
+def _git(repo, *args) -> str:
+    env = dict(os.environ, GIT_AUTHOR_NAME="a", GIT_AUTHOR_EMAIL="a@b", GIT_COMMITTER_NAME="a",
+               GIT_COMMITTER_EMAIL="a@b")
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                          env=env).stdout.strip()
+
+
+@needs_git
+def test_git_commit_is_head_and_dirty_when_a_tracked_file_changed(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    _git(repo, "init", "-q")
+    (repo / "pkg" / "code.py").write_text("x = 1\n")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "code")
+    head = _git(repo, "rev-parse", "HEAD")
+    assert records.git_commit(str(repo / "pkg")) == head
+    (repo / "pkg" / "new.py").write_text("")  # untracked: still the commit's code
+    assert records.git_commit(str(repo / "pkg")) == head
+    (repo / "pkg" / "code.py").write_text("x = 2\n")
+    assert records.git_commit(str(repo / "pkg")) == head + "-dirty"
+
+
+def test_git_commit_is_none_outside_a_checkout_or_without_git(tmp_path, monkeypatch):
+    assert records.git_commit(str(tmp_path)) is None
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git on the path
+    assert records.git_commit() is None
+
+
+def test_environment_records_the_commit():
+    env = records.environment()
+    assert env["git_commit"] == records.git_commit()
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(records.__file__)))
+    if os.path.exists(os.path.join(checkout, ".git")) and shutil.which("git"):  # a file in a worktree
+        assert len(env["git_commit"].removesuffix("-dirty")) == 40
