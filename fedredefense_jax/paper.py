@@ -183,6 +183,12 @@ TABLE10 = {
 FIGURES_FEDREDEFENSE_DACC = 100.0
 
 
+def tacc_asr_text(value) -> str | None:
+    """A Table 2 / 3 cell as printed: ``"TACC"`` or ``"TACC/ASR"`` (None for a missing one)."""
+    tacc, asr = tacc_asr(value)
+    return None if tacc is None else f"{tacc:.2f}" + (f"/{asr:.2f}" if asr is not None else "")
+
+
 def tacc_asr(value) -> tuple:
     """``(TACC, ASR)`` of a Table 2 / 3 cell: ``(v, None)`` for a plain number, ``(None, None)``
     for a missing one."""
