@@ -2,7 +2,7 @@
 
     python experiments/reproduce.py --target=table2 --scale=small --data_dir=../shared/data/fashion_mnist
     python experiments/reproduce.py --target=fig2 --scale=paper --cifar10_dir=../shared/data/cifar10_jpeg.tar.gz
-    python experiments/reproduce.py --target=table2 --scale=small --render_only
+    python experiments/reproduce.py --target=table2 --scale=small --render_only --reuse_from=runs
 
 Targets: table1 (DACC / FPR / FNR / AAR of FedREDefense and FLDetector), table2 (TACC / ASR,
 attack x defense), table3 (FedREDefense with FedAvg or Norm Bound under the label flips and
@@ -16,12 +16,17 @@ rounds: about an hour per target on a 2-core CPU), paper (the paper's settings: 
 Every cell is an ordinary run (``fedredefense_jax.runner.run``) in
 ``ROOT/<scale>/<dataset>/<cell>``; targets that need the same configuration share the
 directory. Finished cells are skipped; a finished run with the same settings anywhere under
-``--root`` (or ``--reuse_from``) is read instead of running the cell again; SIGINT/SIGTERM
-stop after the running cell's current round with a checkpoint (exit code 130) and the same
-command resumes. The page: ``OUT/<target>.md`` (measured [paper], cell by cell, with the
-settings, the commits of the runs and the command), ``OUT/<target>.png`` and
-``OUT/<target>_latency.png``. ``--render_only`` rewrites them from the runs alone (the
-same bytes when no run changed).
+``--root`` or ``--reuse_from`` (e.g. a grid of ``experiments/grid.py``) is read instead of
+running the cell again; SIGINT/SIGTERM stop after the running cell's current round with a
+checkpoint (exit code 130) and the same command resumes. The page: ``OUT/<target>.md``
+(measured [paper], cell by cell, with the settings, the commits of the runs and the
+command), ``OUT/<target>.png`` and ``OUT/<target>_latency.png``. ``--render_only`` rewrites
+them from the runs alone (the same bytes when no run changed).
+
+Of the experiment flags (``fedredefense_jax/cli.py``) the scale sets all but ``--data_dir``
+(Fashion-MNIST's data; ``--cifar10_dir`` / ``--cinic_dir`` give the others') and
+``--overwrite`` (replace a cell directory that holds a run of other settings, a cell whose
+definition changed; without it such a cell stops the command before anything runs).
 """
 
 from __future__ import annotations
@@ -30,23 +35,22 @@ import os
 import signal
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from fedredefense_jax import cli, reproduction
+from fedredefense_jax.config import ConfigError
+from fedredefense_jax.data import DataError
+from fedredefense_jax.runner import Stopped
+from fedredefense_jax.simulation import AttackOutputError
 
-from fedredefense_jax import reproduction
-from fedredefense_jax.runner import ConfigError, Stopped
-
-FLAGS = flags.FLAGS
+FLAGS = cli.FLAGS
 flags.DEFINE_enum("target", None, reproduction.TARGETS, "The table or figure to reproduce.")
 flags.DEFINE_enum("scale", None, reproduction.SCALES, "smoke, small or paper (see the module docstring).")
+flags.mark_flags_as_required(["target", "scale"])
 flags.DEFINE_string("root", "results/runs", "Run directories: ROOT/<scale>/<dataset>/<cell>.")
 flags.DEFINE_string("out", None, "Where the page and figures go (default: results; results/smoke at smoke scale).")
 flags.DEFINE_bool("render_only", False, "Only rewrite the page from the existing runs (run nothing).")
-flags.DEFINE_bool("overwrite", False, "Replace a cell directory that holds a run of other settings (a cell whose "
-                  "definition changed); otherwise such a cell stops the reproduction before anything runs.")
 flags.DEFINE_bool("dry_run", False, "Only list the cells, where each is read from, and which would run.")
-flags.DEFINE_string("data_dir", None, "Fashion-MNIST files (IDX directory; unset: downloaded into the cache).")
 flags.DEFINE_string("cifar10_dir", None, "CIFAR-10 (image-folder tree or .tar.gz, e.g. "
                     "../shared/data/cifar10_jpeg.tar.gz; unset: downloaded into the cache).")
 flags.DEFINE_string("cinic_dir", None, "CINIC-10 (image-folder tree or its .tar.gz). CINIC-10 cells exist only "
@@ -56,6 +60,14 @@ flags.DEFINE_list("attacks", [], "Replace the target's attacks (its rows, or the
 flags.DEFINE_list("reuse_from", [], "More directories searched for finished runs with a cell's settings.")
 flags.DEFINE_string("jax_cache_dir", None, "JAX's persistent compilation cache (default: "
                     "$FEDREDEFENSE_CACHE/jax or ~/.cache/fedredefense_jax/jax; empty: none).")
+# The experiment flags this script takes; the scale sets every other one.
+_TAKEN = ("data_dir", "overwrite")
+
+
+def _set_by_scale() -> list[str]:
+    names = [*cli.EXPERIMENT, *cli.PLUGIN_SETTINGS["attack"], *cli.PLUGIN_SETTINGS["defense"], "attack_config",
+             "defense_config"]
+    return [n for n in names if n not in _TAKEN and FLAGS[n].present]
 
 
 def _interrupt(signum, frame):
@@ -64,9 +76,12 @@ def _interrupt(signum, frame):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.target is None or FLAGS.scale is None:
-        raise app.UsageError("--target and --scale are required")
+        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+        return 2
+    if given := _set_by_scale():
+        print(f"error: --{given[0]}: set by --scale (of the experiment flags reproduce.py takes only "
+              f"{', '.join('--' + n for n in _TAKEN)})", file=sys.stderr)
+        return 2
     logging.set_verbosity(logging.INFO)
     data_dirs = {"fashion_mnist": FLAGS.data_dir, "cifar10": FLAGS.cifar10_dir, "cinic10": FLAGS.cinic_dir}
     out = FLAGS.out or (os.path.join("results", "smoke") if FLAGS.scale == "smoke" else "results")
@@ -91,7 +106,7 @@ def main(argv):
                                       render_only=FLAGS.render_only, datasets=FLAGS.datasets or None,
                                       attacks=FLAGS.attacks or None, search=FLAGS.reuse_from, overwrite=FLAGS.overwrite,
                                       log=lambda m: logging.info("%s", m))
-    except ConfigError as e:
+    except (ConfigError, DataError, AttackOutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (Stopped, KeyboardInterrupt) as e:
@@ -105,4 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
