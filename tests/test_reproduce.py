@@ -371,6 +371,30 @@ def test_a_cell_directory_of_other_settings_stops_before_anything_runs(tmp_path,
     assert "| Fang | Continuous | - [-] | - [-] |" in open(tmp_path / "out" / "table9.md").read()
 
 
+def test_a_cell_another_process_runs_is_left_for_last_and_not_run_twice(tmp_path, monkeypatch):
+    page = reproduction.build_page("table1", "smoke")
+    root = str(tmp_path / "runs")
+    locs = reproduction.locate(page, root, {})
+    first, second = locs
+    ran, log = [], []
+
+    def fake_run_cell(cfg):  # the other process finishes ``first`` while ``second`` runs here
+        ran.append(cfg.output_dir)
+        _fake_run(cfg.output_dir, cfg)
+        _fake_run(first.own_dir, first.config)
+        other.__exit__(None, None, None)
+
+    monkeypatch.setattr(cells, "run_cell", fake_run_cell)
+    other = cells.claim(first.own_dir, wait=True)
+    assert other.__enter__() is True
+    with cells.claim(first.own_dir, wait=False) as held:  # an flock conflicts within one process too
+        assert held is False
+    assert cells.run_missing(locs, log.append) == 1
+    assert ran == [second.own_dir]
+    assert [loc.run_dir for loc in locs] == [first.own_dir, second.own_dir]
+    assert log[0] == f"cell {first.own_dir}: run by another process, left for last"
+
+
 # ---------------------------------------------------------------------------- smoke scale, end to end
 
 

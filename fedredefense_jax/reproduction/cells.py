@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 from collections.abc import Callable, Iterable
 
@@ -108,22 +110,56 @@ def run_cell(cfg: ExperimentConfig) -> dict:
     return runner.run(cfg, progress=cfg.eval_every)
 
 
-def run_missing(locations: list[Location], log: Callable[[str], None] = print, overwrite: bool = False) -> int:
-    """Runs every cell that has no finished run, in order; returns how many ran. Raises
-    runner.Stopped after SIGINT/SIGTERM (the stopped cell's checkpoint is saved) and
-    ConfigError for a cell that cannot run, both naming the cell."""
-    todo = [loc for loc in locations if loc.run_dir is None]
-    for i, loc in enumerate(todo, 1):
-        log(f"cell {i}/{len(todo)}: {loc.own_dir}")
+@contextlib.contextmanager
+def claim(own_dir: str, wait: bool):
+    """Holds the cell's lock file (``<own_dir>.lock``, an advisory ``flock``) while it runs,
+    so that reproductions running at once (two targets sharing cells) never run one cell
+    twice. Yields False, holding nothing, when another process holds it and not ``wait``."""
+    os.makedirs(os.path.dirname(own_dir) or ".", exist_ok=True)
+    with open(own_dir.rstrip(os.sep) + ".lock", "a") as f:
         try:
-            run_cell(dataclasses.replace(loc.config, overwrite=loc.conflict and overwrite))
-        except runner.Stopped as e:
-            raise runner.Stopped(f"cell {loc.own_dir}: {e}") from None
-        except ConfigError as e:
-            raise ConfigError(e.flag, f"cell {loc.own_dir}: {e.message}") from None
-        if finished(loc.own_dir, loc.cell.rounds):
-            loc.run_dir = loc.own_dir
-    return len(todo)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_missing(locations: list[Location], log: Callable[[str], None] = print, overwrite: bool = False) -> int:
+    """Runs every cell that has no finished run, in order; returns how many ran here. A cell
+    another process is running (:func:`claim`) is left for last, then waited for; one that
+    process finished is not run again. Raises runner.Stopped after SIGINT/SIGTERM (the
+    stopped cell's checkpoint is saved) and ConfigError for a cell that cannot run, both
+    naming the cell."""
+    todo = [loc for loc in locations if loc.run_dir is None]
+    ran = 0
+
+    def run_one(loc: Location, wait: bool) -> bool:  # False: another process holds the cell
+        nonlocal ran
+        with claim(loc.own_dir, wait) as held:
+            if not held:
+                log(f"cell {loc.own_dir}: run by another process, left for last")
+                return False
+            if not finished(loc.own_dir, loc.cell.rounds):  # else run meanwhile by another process
+                ran += 1
+                log(f"cell {ran}/{len(todo)}: {loc.own_dir}")
+                try:
+                    run_cell(dataclasses.replace(loc.config, overwrite=loc.conflict and overwrite))
+                except runner.Stopped as e:
+                    raise runner.Stopped(f"cell {loc.own_dir}: {e}") from None
+                except ConfigError as e:
+                    raise ConfigError(e.flag, f"cell {loc.own_dir}: {e.message}") from None
+            if finished(loc.own_dir, loc.cell.rounds):
+                loc.run_dir = loc.own_dir
+            return True
+
+    busy = [loc for loc in todo if not run_one(loc, wait=False)]
+    for loc in busy:
+        run_one(loc, wait=True)
+    return ran
 
 
 def default_cache_dir() -> str:
