@@ -1,10 +1,11 @@
 """Runs one federated-learning experiment (attack x defense) from absl flags
 (``fedredefense_jax/cli.py``: one flag per setting; ``--helpfull`` lists them).
 
-Example (the paper's Fashion-MNIST setting, FedAvg, no attack, 100 rounds)::
+Example (FedREDefense under Fang's attack, 10 Fashion-MNIST clients of which 3 malicious;
+it prints the clients it expelled)::
 
-    python experiments/run.py --dataset=fashion_mnist --data_dir=../shared/data/fashion_mnist \
-        --num_clients=100 --num_malicious=0 --beta=0.1 --rounds=100 --output_dir=runs/fedavg
+    python experiments/run.py --data_dir=../shared/data/fashion_mnist --num_clients=10 --num_malicious=3 \
+        --train_subset=6000 --attack=fang --defense=fedredefense --rounds=3 --output_dir=runs/fedredefense_fang
 """
 
 from __future__ import annotations
@@ -19,6 +20,21 @@ from fedredefense_jax.data import DataError
 from fedredefense_jax.simulation import AttackOutputError
 
 FLAGS = cli.FLAGS
+
+
+def detection_line(summary: dict) -> str | None:
+    """What the defense expelled, against the malicious clients (the last ``num_malicious``
+    ids); None for a defense that expels no one."""
+    det, cfg = summary.get("detection") or {}, summary["config"]
+    if "dacc" not in det:
+        return None
+    expelled = summary.get("expelled", [])
+    malicious = set(range(cfg["num_clients"] - cfg["num_malicious"], cfg["num_clients"])) \
+        if cfg["attack"] != "none" else set()
+    caught = len(malicious.intersection(expelled))
+    return (f"expelled {len(expelled)} of {cfg['num_clients']} clients {expelled}: {caught} of {len(malicious)} "
+            f"malicious, {len(expelled) - caught} benign (DACC {det['dacc']:.2f}, FPR {det['fpr']:.2f}, "
+            f"FNR {det['fnr']:.2f})")
 
 
 def main(argv):
@@ -40,6 +56,8 @@ def main(argv):
         return 130
     print(f"done: test accuracy {summary['test_acc']:.4f} after {summary['rounds_done']} rounds; "
           f"{FLAGS.output_dir}/summary.json")
+    if (line := detection_line(summary)) is not None:
+        print(line)
     return 0
 
 
