@@ -176,12 +176,45 @@ def git_commit(path: str | None = None) -> str | None:
     return head + ("-dirty" if dirty else "") if head else None
 
 
+#: The attacks' revision: 2 since the attacks follow the paper's authors (Fang's partial-knowledge
+#: attack, Min-Sum's minimum bound, a lone compromised participant sends zero, attacks under
+#: FLCert per group, FLDetector aggregates its detection round; commit 55ee95f).
+ATTACKS_REVISION = 2
+#: The attacks and defenses whose runs that revision changed.
+_REVISED = {"attack": ("fang", "lie", "min_max", "min_sum"), "defense": ("fldetector", "flcert")}
+
+
+def attacks_revision(recorded: dict) -> int:
+    """The attacks' revision a recorded config ran with: its ``attacks_revision``; in a config
+    written before the key existed, 2 when it names ``lone_attacker`` (a setting of revision
+    2) or states every setting of its attack and defense (as configs have since revision 2),
+    else 1; for a run that revision 2 left unchanged (another attack and defense), 2."""
+    if "attacks_revision" in recorded:
+        return recorded["attacks_revision"]
+    attack, defense = recorded.get("attack", "none"), recorded.get("defense", "fedavg")
+    if attack not in _REVISED["attack"] and defense not in _REVISED["defense"]:
+        return ATTACKS_REVISION
+    if "lone_attacker" in (recorded.get("attack_config") or {}):
+        return ATTACKS_REVISION
+    for key, name, registry in (("attack_config", attack, config_lib.attacks_lib),
+                                ("defense_config", defense, config_lib.defenses_lib)):
+        try:
+            known = set(registry.settings(name).fields())
+        except ValueError:
+            return 1
+        if {_OLD_NAMES[key].get(k, k) for k in recorded.get(key) or {}} != known:
+            return 1
+    return ATTACKS_REVISION
+
+
 def recorded_config(cfg: config_lib.ExperimentConfig) -> dict:
     """``cfg`` as JSON with the attack's and defense's settings filled in (their defaults
-    included), so that config.json and summary.json state every setting the run used."""
+    included), so that config.json and summary.json state every setting the run used, and
+    the attacks' revision."""
     out = jsonable(dataclasses.asdict(cfg))
     out["attack_config"] = jsonable(config_lib.attack_settings(cfg).as_dict())
     out["defense_config"] = jsonable(config_lib.defense_settings(cfg).as_dict())
+    out["attacks_revision"] = ATTACKS_REVISION
     return out
 
 
@@ -190,8 +223,10 @@ def upgrade_config(recorded: dict) -> dict:
     names renamed, settings the run's attack / defense does not take dropped (they never
     acted), the others filled in; the experiment's own settings typed, those it lacks at
     their defaults (keys that are no setting today are kept). ConfigError naming the file's
-    setting if one is refused."""
-    out = dict(recorded)
+    setting if one is refused. A run of the attacks' earlier revision keeps
+    ``attacks_revision`` 1 (:func:`attacks_revision`), so it neither resumes nor stands in
+    for a run of today's."""
+    out = dict(recorded) | {"attacks_revision": attacks_revision(recorded)}
     for key, kind, registry in (("attack_config", "attack", config_lib.attacks_lib),
                                 ("defense_config", "defense", config_lib.defenses_lib)):
         name = out.get(kind, config_lib.ExperimentConfig.__dataclass_fields__[kind].default)

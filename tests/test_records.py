@@ -48,3 +48,19 @@ def test_environment_records_the_commit():
     checkout = os.path.dirname(os.path.dirname(os.path.abspath(records.__file__)))
     if os.path.exists(os.path.join(checkout, ".git")) and shutil.which("git"):  # a file in a worktree
         assert len(env["git_commit"].removesuffix("-dirty")) == 40
+
+
+def test_a_run_of_the_attacks_earlier_revision_is_not_resumed_with_todays(tmp_path):
+    from fedredefense_jax.config import ConfigError, ExperimentConfig
+
+    cfg = ExperimentConfig(num_clients=6, num_malicious=2, attack="min_sum", rounds=2, output_dir=str(tmp_path))
+    earlier = records.recorded_config(cfg)
+    del earlier["attacks_revision"]
+    earlier["attack_config"] = {"gamma_init": 10.0}  # as given before lone_attacker existed
+    records.write_json(os.path.join(tmp_path, records.CONFIG), earlier)
+    open(os.path.join(tmp_path, records.ROUNDS), "w").close()
+    with pytest.raises(ConfigError, match="attacks_revision: 1 -> 2"):
+        records.prepare_output_dir(cfg)
+    today = records.recorded_config(cfg)
+    records.write_json(os.path.join(tmp_path, records.CONFIG), today)
+    records.prepare_output_dir(cfg)  # the same revision resumes

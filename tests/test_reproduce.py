@@ -236,6 +236,25 @@ def test_small_cells_are_the_grids_runs_recorded_by_older_versions(defense, atta
         assert key(other, data_dir=False) != key(mine, data_dir=False)
 
 
+@pytest.mark.parametrize("defense,attack,revised", [
+    ("fedavg", "fang", True), ("fedavg", "min_sum", True), ("fldetector", "scaling", True), ("flcert", "none", True),
+    ("fedavg", "scaling", False), ("krum", "mpaf", False)])
+def test_runs_of_the_attacks_earlier_revision_do_not_stand_in(defense, attack, revised):
+    s = reproduction.scale_settings("small")
+    cell = reproduction.build_page("table2", "small").cells["fashion_mnist", attack, defense]
+    mine = records.recorded_config(reproduction.make_config(cell, s, None, "o"))
+    assert mine["attacks_revision"] == records.ATTACKS_REVISION == 2
+    # the grid's config before the attacks followed the authors: no lone_attacker, settings as given
+    earlier = {**OLD_GRID_CONFIG, "attack": attack, "defense": defense,
+               "attack_config": {"scale": 3.0, "backdoor_training": "alternating"}}
+    if defense == "flcert":
+        earlier["defense_config"] = {**earlier["defense_config"], "groups": None}
+    assert records.attacks_revision(earlier) == (1 if revised else 2)
+    same = records.settings_key(earlier, data_dir=False) == records.settings_key(mine, data_dir=False)
+    assert same is not revised
+    assert records.upgrade_config(earlier)["attacks_revision"] == (1 if revised else 2)
+
+
 def test_data_directories_compare_by_real_path(tmp_path):
     s = reproduction.scale_settings("small")
     data = tmp_path / "data"
