@@ -13,6 +13,7 @@ from jax.flatten_util import ravel_pytree
 from fedredefense_jax import attacks as attacks_lib
 from fedredefense_jax import data as data_lib
 from fedredefense_jax import defenses as defenses_lib
+from fedredefense_jax import mesh as mesh_lib
 from fedredefense_jax import metrics, models, partition, simulation, training
 from fedredefense_jax.config import ConfigError, ExperimentConfig, attack_settings, defense_settings
 from fedredefense_jax.defenses.fltrust import DEFAULT_ROOT_SIZE
@@ -32,9 +33,10 @@ class Setup:
     trigger_unseen: tuple = ()  # trigger pixels outside the model's receptive field
 
 
-def build(cfg: ExperimentConfig) -> Setup:
+def build(cfg: ExperimentConfig, mesh: mesh_lib.ClientMesh | None = None) -> Setup:
     """Loads the data, splits it, builds the model, attack and defense (ConfigError for a
-    setting the data or a plug-in refuse)."""
+    setting the data or a plug-in refuse); with a ``mesh`` of several devices the clients
+    are split over it (each process stacking only its own)."""
     ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir)
     spec = ds.spec
     if cfg.train_subset is not None:
@@ -43,7 +45,10 @@ def build(cfg: ExperimentConfig) -> Setup:
                               f"of {cfg.dataset}")
         ds = partition.subset_train(ds, cfg.train_subset, cfg.seed)
     parts = partition.dirichlet_split(ds.train_y, cfg.num_clients, cfg.beta, cfg.seed, spec.num_classes)
-    clients = partition.stack_clients(ds.train_x, ds.train_y, parts)
+    if mesh_lib.active(mesh) is None:
+        clients = partition.stack_clients(ds.train_x, ds.train_y, parts)
+    else:
+        clients = mesh_lib.stack_clients(mesh, ds.train_x, ds.train_y, parts)
     model = models.build_model(cfg.model, cfg.dataset, spec.num_classes, cfg.conv_impl)
     params = models.init_params(model, jax.random.key(cfg.seed), spec.input_shape)
     w0, unravel = ravel_pytree(params)
@@ -57,16 +62,16 @@ def build(cfg: ExperimentConfig) -> Setup:
     defense = defenses_lib.make(cfg.defense, defenses_lib.DefenseContext(
         apply_fn, unravel, cfg.num_clients, cfg.num_malicious, spec.num_classes, spec.input_shape,
         cfg.dataset, w0, defense_config, server_data=(ds.train_x[root], ds.train_y[root]),
-        local_update=local_update))
+        local_update=local_update, mesh=mesh))
     if attack.needs_probe and defense.probe is None:
         raise ConfigError("attack", f"{cfg.attack} adapts to FedREDefense's reconstruction: it needs a defense "
                           f"that offers a probe (--defense=fedredefense), got --defense={cfg.defense}")
     try:
         fed = simulation.build_federation(cfg, clients, apply_fn, unravel, w0, spec.mean, spec.std, attack, defense,
-                                          num_classes=spec.num_classes)
-        predict = training.make_predictor(apply_fn, unravel, spec.mean, spec.std)
-        asr = None if attack.asr is None else make_asr(attack.asr, ds, predict, apply_fn, unravel)
-        asr_base = (make_asr(attack.asr, ds, predict, apply_fn, unravel, stamp=False)
+                                          num_classes=spec.num_classes, mesh=mesh)
+        predict = training.make_predictor(apply_fn, unravel, spec.mean, spec.std, mesh=mesh)
+        asr = None if attack.asr is None else make_asr(attack.asr, ds, predict, apply_fn, unravel, mesh=mesh)
+        asr_base = (make_asr(attack.asr, ds, predict, apply_fn, unravel, stamp=False, mesh=mesh)
                     if attack.asr is not None and attack.asr.trigger_pixels else None)
     except ValueError as e:  # e.g. a trigger outside the images
         raise ConfigError("attack", f"{cfg.attack}: {e}") from None
@@ -88,7 +93,7 @@ def _unseen_trigger(attack, apply_fn, params, input_shape, model: str) -> tuple:
 
 
 def make_asr(spec: attacks_lib.AsrSpec, ds: data_lib.Dataset, predict: Callable, apply_fn: Callable,
-             unravel: Callable, stamp: bool = True) -> Callable:
+             unravel: Callable, stamp: bool = True, mesh: mesh_lib.ClientMesh | None = None) -> Callable:
     """``asr(w) -> float``: ``metrics.attack_success_rate`` of the flat model ``w`` on the test
     images it counts (class ``source``, or every class but ``target``), stamped with the
     trigger in normalised space by a jitted predictor when the attack has one. ``stamp=False``:
@@ -98,5 +103,5 @@ def make_asr(spec: attacks_lib.AsrSpec, ds: data_lib.Dataset, predict: Callable,
     x, y = ds.test_x[keep], ds.test_y[keep]
     if spec.trigger_pixels and stamp:
         trigger = attacks_lib.trigger_mask(ds.spec.input_shape, spec.trigger_pixels)
-        predict = training.make_predictor(apply_fn, unravel, ds.spec.mean, ds.spec.std, trigger=trigger)
+        predict = training.make_predictor(apply_fn, unravel, ds.spec.mean, ds.spec.std, trigger=trigger, mesh=mesh)
     return lambda w: metrics.attack_success_rate(predict(w, x), y, spec.target, spec.source)

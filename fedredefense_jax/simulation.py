@@ -28,6 +28,7 @@ import numpy as np
 
 from fedredefense_jax import attacks as attacks_lib
 from fedredefense_jax import defenses as defenses_lib
+from fedredefense_jax import mesh as mesh_lib
 from fedredefense_jax import training
 from fedredefense_jax.partition import ClientData
 from fedredefense_jax.settings import Settings, setting
@@ -122,9 +123,14 @@ def client_poison(poison: attacks_lib.DataPoison, malicious: np.ndarray, num_cla
 
 def build_federation(config: FLConfig, clients: ClientData, apply_fn: Callable, unravel: Callable,
                      init_params: jax.Array, mean, std, attack: attacks_lib.Attack,
-                     defense: defenses_lib.Defense, num_classes: int = 10) -> Federation:
-    """``num_classes`` sizes the label maps of a data-poisoning attack."""
+                     defense: defenses_lib.Defense, num_classes: int = 10, mesh=None) -> Federation:
+    """``num_classes`` sizes the label maps of a data-poisoning attack. With a ``mesh``
+    (``mesh.ClientMesh``) the client table is split over its devices (``clients`` may hold
+    arrays already split, ``mesh.stack_clients``) and local training runs on all of them
+    (``training.make_trainer``); the rest of a round runs on one device as without a mesh."""
     poison, poisoning = None, None
+    if mesh_lib.active(mesh) is not None:
+        clients = mesh_lib.split_client_data(mesh, clients)
     malicious = malicious_clients(config.num_clients, config.num_malicious)
     if attack.poison is not None and malicious.any():
         poisoning = attack.poison.schedule
@@ -132,7 +138,7 @@ def build_federation(config: FLConfig, clients: ClientData, apply_fn: Callable, 
                                                                  clients.x.shape[2:])))
     train = training.make_trainer(apply_fn, unravel, mean, std, batch_size=config.batch_size,
                                   lr=config.lr, epochs=config.local_epochs, layout=config.layout,
-                                  poisoning=poisoning)
+                                  poisoning=poisoning, mesh=mesh)
     return Federation(config, clients, jnp.asarray(clients.x), jnp.asarray(clients.y),
                       jnp.asarray(clients.counts), init_params, train, attack, defense, poison)
 

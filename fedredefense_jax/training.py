@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedredefense_jax import mesh as mesh_lib
+
 LAYOUTS = ("vmap", "map", "chunked")
 
 
@@ -247,7 +249,7 @@ def map_clients(fn: Callable, layout: str, chunk: int = 8) -> Callable:
 
 def make_trainer(apply_fn: Callable, unravel: Callable, mean, std, *, batch_size: int = 32,
                  lr: float = 1e-3, epochs: int = 1, layout: str | None = None,
-                 chunk: int = 8, poisoning: str | None = None) -> Callable:
+                 chunk: int = 8, poisoning: str | None = None, mesh=None) -> Callable:
     """Jitted ``train(w0[P], client_x[p,n,...], client_y[p,n], counts[p], ids[S], keys[S]) -> [S, P]``.
 
     Gathers the ``S`` participating clients' data by id inside the program, trains them all
@@ -255,12 +257,21 @@ def make_trainer(apply_fn: Callable, unravel: Callable, mean, std, *, batch_size
     and returns their update matrix. With ``poisoning``
     (``"constant"`` / ``"alternating"`` / ``"mixed"``) the call takes ``poison=``, a :class:`Poison` of
     per-client arrays (``[p, K]``, ``[p, H, W, C]``, ``[p]``) gathered by id like the data.
+
+    With a ``mesh`` (a ``mesh.ClientMesh`` of several devices) the client table may be split
+    over it (``mesh.stack_clients``): the slots are padded to a multiple of the device count
+    (padding slots repeat slot 0), their data gathered onto the slot axis split over the
+    devices (one jitted program), every device trains its own slots with the single-device
+    program above (``mesh.map_blocks``), and the ``[S, P]`` result (padding dropped) is
+    all-gathered and handed back on the process's first device (``mesh.local``), so that what
+    follows computes exactly as on one device.
     """
     layout = layout or default_layout()
     one = make_client_update(apply_fn, unravel, mean, std, batch_size=batch_size, lr=lr, epochs=epochs,
                              poisoning=poisoning)
     mapped = map_clients(one, layout, chunk)
     mapped_own = map_clients(lambda _, w, *a: one(w, *a), layout, chunk)
+    mesh = mesh_lib.active(mesh)
 
     @jax.jit
     def train(w0, client_x, client_y, counts, ids, keys, poison: Poison | None = None):
@@ -273,7 +284,41 @@ def make_trainer(apply_fn: Callable, unravel: Callable, mean, std, *, batch_size
             return mapped_own(None, w0, *per_slot)
         return mapped(w0, *per_slot)
 
-    return train
+    if mesh is None:
+        return train
+
+    def spread(w0, client_x, client_y, counts, ids, keys, poison):
+        """The slots' rows (padded with copies of slot 0) split over the mesh."""
+        ids = mesh_lib.pad_rows(ids, mesh.pad(ids.shape[0]))
+        keys = mesh_lib.pad_rows(keys, ids.shape[0])
+        rows = (client_x[ids], client_y[ids], counts[ids], keys)
+        if poison is not None:
+            rows += (Poison(*(jnp.asarray(a)[ids] for a in poison)),)
+        if w0.ndim == 2:
+            rows += (mesh_lib.pad_rows(w0, ids.shape[0]),)
+        return rows
+
+    spread_jit = mesh.jit(spread, out_shardings=mesh.sharded)
+    gather_jit = mesh.jit(lambda u, s: u[:s], static_argnums=(1,), out_shardings=mesh.replicated)
+
+    def train_on_mesh(w0, client_x, client_y, counts, ids, keys, poison: Poison | None = None):
+        if (poison is None) != (poisoning is None):
+            raise ValueError("a poisoning trainer needs poison=, a plain one takes none")
+        s = int(np.shape(ids)[0])
+        w0 = jnp.asarray(w0)
+        rows = spread_jit(w0, client_x, client_y, counts, jnp.asarray(ids, jnp.int32), keys, poison)
+        local = np.arange(mesh.pad(s) // mesh.size, dtype=np.int32)
+        own = w0.ndim == 2
+
+        def arrange(reps, block):  # the single-device train()'s arguments for one device
+            x, y, n, k, *rest = block
+            extra = {} if poison is None else {"poison": rest[0]}
+            return (rest[-1] if own else reps[0], x, y, n, local, k), extra
+
+        updates = mesh.map_blocks(train, () if own else (w0,), rows, arrange)
+        return mesh.local(gather_jit(updates, s))
+
+    return train_on_mesh
 
 
 def client_keys(round_key: jax.Array, ids: np.ndarray) -> jax.Array:
@@ -282,11 +327,15 @@ def client_keys(round_key: jax.Array, ids: np.ndarray) -> jax.Array:
 
 
 def make_predictor(apply_fn: Callable, unravel: Callable, mean, std, batch: int = 1000,
-                   trigger=None) -> Callable:
+                   trigger=None, mesh=None) -> Callable:
     """Jitted ``predict(w[P], x[N,H,W,C] uint8) -> [N] int32`` in batches of ``batch`` (``w[G, P]``:
     the :func:`majority_vote` of the ``G`` models' predictions); with
-    ``trigger`` (``[H, W, C]`` bool) the images are stamped (:func:`stamp_trigger`) first."""
+    ``trigger`` (``[H, W, C]`` bool) the images are stamped (:func:`stamp_trigger`) first.
+    With a ``mesh`` of several devices and at least as many batches as devices, the batches
+    are split over the devices, each running the single-device program on its own
+    (``mesh.map_blocks``)."""
     trigger = None if trigger is None else jnp.asarray(trigger, bool)
+    mesh = mesh_lib.active(mesh)
 
     def prepare(b):
         xn = normalize(b, mean, std)
@@ -297,14 +346,23 @@ def make_predictor(apply_fn: Callable, unravel: Callable, mean, std, batch: int 
         params = unravel(w)
         return jax.lax.map(lambda b: jnp.argmax(apply_fn(params, prepare(b)), -1).astype(jnp.int32), xb)
 
+    if mesh is not None:
+        collect = jax.jit(lambda a: a, out_shardings=mesh.replicated)
+
     def predict(w, x):
         if np.ndim(w) == 2:  # an ensemble [G, P]: majority vote of its models
             return majority_vote(np.stack([predict(wg, x) for wg in w]))
         n = x.shape[0]
         nb = -(-n // batch)
+        split = mesh is not None and nb >= mesh.size  # each device predicts its own batches
+        if split:
+            nb = mesh.pad(nb)
         xp = np.zeros((nb * batch, *x.shape[1:]), x.dtype)
         xp[:n] = x
-        return np.asarray(_predict(w, xp.reshape(nb, batch, *x.shape[1:]))).reshape(-1)[:n]
+        xp = xp.reshape(nb, batch, *x.shape[1:])
+        if split:
+            return np.asarray(collect(mesh.map_blocks(_predict, (w,), (mesh.put_sharded(xp),)))).reshape(-1)[:n]
+        return np.asarray(_predict(w, xp)).reshape(-1)[:n]
 
     return predict
 

@@ -40,6 +40,9 @@ class DefenseContext(NamedTuple):
       local_update: optional ``local_update(w0[P], x, y, count, key) -> g[P]``, the clients'
         local training (same epochs, batch size and learning rate,
         ``training.make_client_update``), for defenses that train on ``server_data``.
+      mesh: optional ``mesh.ClientMesh`` the run's clients are split over (FedREDefense
+        splits its knowledge and reconstructions over it); None: one device. Every defense
+        gets the whole update matrix on one device, whatever the mesh.
     """
 
     apply_fn: Callable[..., jax.Array]
@@ -53,6 +56,7 @@ class DefenseContext(NamedTuple):
     config: Any
     server_data: Any = None
     local_update: Optional[Callable[..., jax.Array]] = None
+    mesh: Any = None
 
 
 class DefenseInput(NamedTuple):

@@ -72,6 +72,7 @@ import numpy as np
 from absl import logging
 from jax import lax
 
+from fedredefense_jax import mesh as mesh_lib
 from fedredefense_jax.defenses import register
 from fedredefense_jax.defenses.base import (
     Defense,
@@ -409,18 +410,78 @@ class Reconstructor:
       unravel: flat ``[P]`` -> params pytree.
       cfg: :class:`RedefenseConfig` (gamma, inner_steps, learning rates, momentum, layout,
         chunk, first_chunk, map_batch_size are used).
+      mesh: a ``mesh.ClientMesh``; with several devices the slots are padded to a multiple
+        of the device count and split over the devices, each device running the
+        single-device chunk program (``layout`` over its clients) on its own slots
+        (``mesh.map_blocks``), and the still-active clients are dealt out again evenly over
+        the devices between chunks (:meth:`_bucket`).
     """
 
-    def __init__(self, apply_fn: Callable, unravel: Callable, cfg: RedefenseConfig):
+    def __init__(self, apply_fn: Callable, unravel: Callable, cfg: RedefenseConfig, mesh=None):
         self.apply_fn = apply_fn
         self.unravel = unravel
         self.cfg = cfg
         self.layout = resolve_layout(cfg.layout)
-        # The per-slot carry is donated (updated in place between chunks).
-        self._chunk_jit = jax.jit(self._chunk_program, donate_argnums=(0,))
-        self._gather_jit = jax.jit(self._gather)
-        self._scatter_jit = jax.jit(self._scatter, donate_argnums=(0,))
-        self._eval_jit = jax.jit(self._eval_program)
+        self.mesh = mesh = mesh_lib.active(mesh)
+        if mesh is None:
+            # The per-slot carry is donated (updated in place between chunks).
+            self._chunk_jit = jax.jit(self._chunk_program, donate_argnums=(0,))
+            self._gather_jit = jax.jit(self._gather)
+            self._scatter_jit = jax.jit(self._scatter, donate_argnums=(0,))
+            self._eval_jit = jax.jit(self._eval_program)
+            return
+        split, whole = mesh.sharded, mesh.replicated
+        # Each device runs the single-device programs on its own slots (mesh.map_blocks);
+        # no donation: a device's block is a view of the split carry.
+        chunk_one = jax.jit(self._chunk_program)
+        eval_one = jax.jit(self._eval_program)
+
+        def chunk(sub, w0, g, gsq, caps, chunk_len, early_stop):
+            return mesh.map_blocks(chunk_one, (w0, chunk_len, early_stop), (sub, g, gsq, caps),
+                                   lambda r, b: ((b[0], r[0], *b[1:], r[1], r[2]), {}))
+
+        def evaluate(carry, w0, updates, gsq):
+            return mesh.map_blocks(eval_one, (w0,), (carry, updates, gsq),
+                                   lambda r, b: ((b[0], r[0], *b[1:]), {}))
+
+        self._chunk_jit = chunk
+        self._gather_jit = mesh.jit(self._gather, out_shardings=split)
+        self._scatter_jit = mesh.jit(self._scatter, out_shardings=split)
+        self._eval_jit = evaluate
+        self._place_jit = mesh.jit(_place_slots, static_argnums=(5,), out_shardings=split)
+        self._head_jit = mesh.jit(lambda tree, n: jax.tree_util.tree_map(lambda a: a[:n], tree),
+                                  static_argnums=(1,), out_shardings=whole)
+        self._split_rows_jit = mesh.jit(_pad_rows, static_argnums=(1,), out_shardings=split)
+        self._gather_clients_jit = mesh.jit(_gather_clients_impl, static_argnums=(2,), out_shardings=whole)
+        self._scatter_clients_jit = mesh.jit(_scatter_clients_impl, out_shardings=(split, whole))
+
+    # -- the clients' knowledge, split over the mesh -----------------------------------
+    def init_knowledge(self, key, num_clients: int, input_shape, num_classes: int,
+                       images_per_class: int = 1, alpha_init: float = 0.05,
+                       noise: str = "normal") -> Knowledge:
+        """:func:`init_knowledge`; with a mesh of several devices (drawn on one device as
+        without a mesh, then) its rows padded to a multiple of the device count with zeros
+        (rows of no client) and split over the devices."""
+        kn = init_knowledge(key, num_clients, input_shape, num_classes, images_per_class, alpha_init, noise)
+        if self.mesh is None:
+            return kn
+        return self._split_rows_jit(kn, self.mesh.pad(num_clients))
+
+    def gather_clients(self, knowledge: Knowledge, ids, reset_momentum: bool) -> Knowledge:
+        """Rows ``ids`` of ``knowledge`` (:func:`_gather_clients`), on one device (with a mesh:
+        gathered from the devices to the process's first one)."""
+        if self.mesh is None:
+            return _gather_clients(knowledge, ids, reset_momentum)
+        return jax.tree_util.tree_map(self.mesh.local, self._gather_clients_jit(knowledge, ids, reset_momentum))
+
+    def scatter_clients(self, knowledge: Knowledge, last_opt_round, slots: Knowledge, write_ids,
+                        opt_ids, round_):
+        """:func:`_scatter_clients`, the knowledge kept split over the devices."""
+        if self.mesh is None:
+            return _scatter_clients(knowledge, last_opt_round, slots, write_ids, opt_ids, round_)
+        knowledge, last_opt_round = self._scatter_clients_jit(knowledge, last_opt_round, slots, write_ids,
+                                                              opt_ids, round_)
+        return knowledge, self.mesh.local(last_opt_round)
 
     # -- per-client pieces ------------------------------------------------------------
     def _value_and_grad(self, w0, g, gsq, images, labels, alpha):
@@ -510,66 +571,140 @@ class Reconstructor:
             ``compact=False`` runs all ``S`` slots each chunk (same results; for testing).
         """
         cfg = self.cfg
-        updates = jnp.asarray(updates, jnp.float32)
         w0 = jnp.asarray(w0, jnp.float32)
-        s = updates.shape[0]
         run = np.asarray(run, bool)
         caps = np.where(run, np.asarray(caps, np.int64), 0).astype(np.int32)
-        gsq = jnp.sum(jnp.square(updates), axis=1)
-        gsq = jnp.where(jnp.asarray(run), gsq, 1.0)
-        # jnp.array copies: the carry is donated, the caller's arrays must not be.
-        carry = _Carry(
-            jnp.array(knowledge.images, jnp.float32),
-            jnp.array(knowledge.label_logits, jnp.float32),
-            jnp.array(knowledge.alpha, jnp.float32),
-            jnp.array(knowledge.mom_images, jnp.float32),
-            jnp.array(knowledge.mom_labels, jnp.float32),
-            jnp.array(knowledge.mom_alpha, jnp.float32),
-            jnp.zeros((s,), jnp.int32), jnp.full((s,), jnp.nan, jnp.float32),
-            jnp.asarray(~run | (caps <= 0)))
-        caps_d = jnp.asarray(caps)
+        carry, updates, gsq, caps_d, s, rows = self._start(knowledge, updates, caps, run)
         stop_flag = jnp.asarray(bool(early_stop))
-        done = np.asarray(carry.done)
+        done, most = self._status(carry)
         chunk_len = min(cfg.first_chunk, cfg.chunk)
         chunks = []
         t_start = time.perf_counter()
         while not done.all():
             if compact:
-                active = np.nonzero(~done)[0]
-                b = bucket_size(len(active), s)
-                idx = np.full((b,), s, np.int32)
-                idx[: len(active)] = active
+                b, idx = self._bucket(np.nonzero(~done)[0], rows)
             else:
-                b, idx = s, np.arange(s, dtype=np.int32)
-            if compact and b < s:
-                idx_d = jnp.asarray(idx)
-                sub, g_sub, gsq_sub, caps_sub = self._gather_jit(carry, updates, gsq, caps_d,
-                                                                 idx_d)
-                sub = self._chunk_jit(sub, w0, g_sub, gsq_sub, caps_sub, jnp.int32(chunk_len),
-                                      stop_flag)
-                carry = self._scatter_jit(carry, sub, idx_d)
-            else:  # all slots, in place: no gather/scatter copies
-                carry = self._chunk_jit(carry, w0, updates, gsq, caps_d, jnp.int32(chunk_len),
-                                        stop_flag)
+                b, idx = rows, np.arange(rows, dtype=np.int32)
+            carry = self._run_chunk(carry, w0, updates, gsq, caps_d, b, idx, rows, chunk_len, stop_flag)
             chunks.append((b, chunk_len))
-            done = np.asarray(carry.done)
+            done, most = self._status(carry)
             elapsed = time.perf_counter() - t_start
-            if elapsed >= PROGRESS_AFTER_S:
+            if elapsed >= PROGRESS_AFTER_S and mesh_lib.is_writer():
                 logging.info("FedREDefense reconstruction: %d/%d clients done, at most %d "
-                             "outer iterations so far (cap %d), %.0f s", int((done & run).sum()),
-                             int(run.sum()), int(np.asarray(carry.iters).max()), int(caps.max()),
-                             elapsed)
+                             "outer iterations so far (cap %d), %.0f s", int((done[:s] & run).sum()),
+                             int(run.sum()), most(), int(caps.max()), elapsed)
             chunk_len = min(2 * chunk_len, cfg.chunk)
 
         if final_eval and run.any():
-            errors = np.asarray(self._eval_jit(carry, w0, updates, gsq))
+            errors = self._host(self._eval_jit(carry, w0, updates, gsq))[:s]
         else:
-            errors = np.asarray(carry.err)
+            errors = self._host(carry.err)[:s]
         errors = np.where(run, errors, np.nan).astype(np.float32)
-        iters = np.where(run, np.asarray(carry.iters), 0).astype(np.int32)
-        new_k = Knowledge(carry.images, carry.label_logits, carry.alpha, carry.mom_images,
-                          carry.mom_labels, carry.mom_alpha, jnp.asarray(knowledge.seen))
+        iters = np.where(run, self._host(carry.iters)[:s], 0).astype(np.int32)
+        fields = (carry.images, carry.label_logits, carry.alpha, carry.mom_images, carry.mom_labels,
+                  carry.mom_alpha)
+        if rows != s:
+            fields = self._head_jit(fields, s)
+        new_k = Knowledge(*fields, jnp.asarray(knowledge.seen))
         return ReconstructionResult(errors, iters, new_k, chunks)
+
+    def compile_buckets(self, knowledge: Knowledge, w0, updates) -> int:
+        """Compiles the programs of every bucket that :meth:`reconstruct` can meet for these
+        ``S`` slots, running each for zero iterations (the chunk length is a traced value);
+        returns how many buckets. For benchmarks that time a round without compilation (with
+        a mesh every device compiles its own copy)."""
+        s = int(np.shape(updates)[0])
+        run = np.ones(s, bool)
+        carry, updates, gsq, caps_d, s, rows = self._start(knowledge, updates, np.ones(s, np.int32), run)
+        w0, stop_flag = jnp.asarray(w0, jnp.float32), jnp.asarray(True)
+        buckets: dict = {}
+        for n in range(1, s + 1):
+            b, idx = self._bucket(np.arange(n), rows)
+            buckets.setdefault(b, idx)
+        for b, idx in sorted(buckets.items()):
+            carry = self._run_chunk(carry, w0, updates, gsq, caps_d, b, idx, rows, 0, stop_flag)
+        jax.block_until_ready(carry)
+        return len(buckets)
+
+    def _start(self, knowledge: Knowledge, updates, caps: np.ndarray, run: np.ndarray):
+        """``(carry, updates, gsq, caps, S, rows)`` of a reconstruction: ``rows = S``, or with a
+        mesh ``S`` padded to a multiple of the devices (padding done) and split over them."""
+        updates = jnp.asarray(updates, jnp.float32)
+        s = updates.shape[0]
+        gsq = jnp.sum(jnp.square(updates), axis=1)
+        gsq = jnp.where(jnp.asarray(run), gsq, 1.0)
+        fields = (knowledge.images, knowledge.label_logits, knowledge.alpha, knowledge.mom_images,
+                  knowledge.mom_labels, knowledge.mom_alpha)
+        if self.mesh is None:
+            # jnp.array copies: the carry is donated, the caller's arrays must not be.
+            carry = _Carry(*(jnp.array(a, jnp.float32) for a in fields),
+                           jnp.zeros((s,), jnp.int32), jnp.full((s,), jnp.nan, jnp.float32),
+                           jnp.asarray(~run | (caps <= 0)))
+            return carry, updates, gsq, jnp.asarray(caps), s, s
+        rows = self.mesh.pad(s)
+        carry, updates, gsq, caps_d = self._place_jit(fields, updates, gsq, jnp.asarray(caps),
+                                                      jnp.asarray(~run | (caps <= 0)), rows)
+        return carry, updates, gsq, caps_d, s, rows
+
+    def _run_chunk(self, carry, w0, updates, gsq, caps_d, b, idx, rows, chunk_len, stop_flag):
+        """One chunk of up to ``chunk_len`` iterations for the bucket ``idx`` of ``b`` slots
+        (all ``rows`` slots in place when ``b == rows``)."""
+        if b < rows:
+            idx_d = jnp.asarray(idx)
+            sub, g_sub, gsq_sub, caps_sub = self._gather_jit(carry, updates, gsq, caps_d, idx_d)
+            sub = self._chunk_jit(sub, w0, g_sub, gsq_sub, caps_sub, jnp.int32(chunk_len), stop_flag)
+            return self._scatter_jit(carry, sub, idx_d)
+        # all slots, in place: no gather/scatter copies
+        return self._chunk_jit(carry, w0, updates, gsq, caps_d, jnp.int32(chunk_len), stop_flag)
+
+    def _status(self, carry: _Carry):
+        """``(done[rows] numpy, most())``, ``most()`` the largest iteration count so far. With
+        a mesh both come in one transfer every chunk, so that every process runs the same
+        collectives whatever its clock says."""
+        if self.mesh is None:
+            return np.asarray(carry.done), lambda: int(np.asarray(carry.iters).max())
+        done, iters = self._host((carry.done, carry.iters))
+        return done, lambda: int(iters.max())
+
+    def _host(self, x) -> np.ndarray:
+        """``x`` as a numpy array on every process."""
+        return np.asarray(x) if self.mesh is None else self.mesh.to_host(x)
+
+    def _bucket(self, active: np.ndarray, rows: int) -> tuple[int, np.ndarray]:
+        """``(b, idx[b])``: the ``active`` slots padded (index ``rows``) to a bucket of ``b``
+        slots. One device: the next power of two (capped at ``rows``). Several devices: the
+        active slots are dealt out round-robin, ``idx`` holding one block of the same
+        power-of-two size per device, so every device runs as many active clients as the
+        others (give or take one) whichever device held them before."""
+        if self.mesh is None:
+            b = bucket_size(len(active), rows)
+            idx = np.full((b,), rows, np.int32)
+            idx[: len(active)] = active
+            return b, idx
+        d = self.mesh.size
+        per = bucket_size(-(-len(active) // d), rows // d)
+        idx = np.full((d, per), rows, np.int32)
+        for k in range(d):
+            mine = active[k::d]
+            idx[k, : len(mine)] = mine
+        return d * per, idx.reshape(-1)
+
+
+def _pad_rows(tree, rows: int):
+    """Every array of ``tree`` with its leading axis padded with zeros to ``rows``."""
+    return jax.tree_util.tree_map(
+        lambda a: jnp.concatenate([a, jnp.zeros((rows - a.shape[0],) + a.shape[1:], a.dtype)]), tree)
+
+
+def _place_slots(fields, updates, gsq, caps, done, rows: int):
+    """The reconstruction carry, updates, norms and caps of ``S`` slots padded to ``rows``
+    (padding slots done, cap 0, zero update; compiled with the mesh's split sharding)."""
+    s = updates.shape[0]
+    extra = rows - s
+    pad = lambda a, v: jnp.concatenate([a, jnp.full((extra,) + a.shape[1:], v, a.dtype)]) if extra else a
+    carry = _Carry(*(pad(jnp.asarray(a, jnp.float32), 0) for a in fields),
+                   jnp.zeros((rows,), jnp.int32), jnp.full((rows,), jnp.nan, jnp.float32), pad(done, True))
+    return carry, pad(updates, 0), pad(gsq, 1), pad(caps, 0)
 
 
 _RECONSTRUCTORS: "dict[tuple, Reconstructor]" = {}
@@ -577,15 +712,16 @@ _MAX_CACHED = 8
 
 
 def get_reconstructor(apply_fn: Callable, unravel: Callable,
-                      cfg: RedefenseConfig) -> Reconstructor:
-    """A :class:`Reconstructor` shared by equal ``(apply_fn, unravel, cfg)`` (so its compiled
-    programs are reused when a defense is rebuilt); a small FIFO cache."""
-    key = (apply_fn, unravel, cfg, resolve_layout(cfg.layout))
+                      cfg: RedefenseConfig, mesh=None) -> Reconstructor:
+    """A :class:`Reconstructor` shared by equal ``(apply_fn, unravel, cfg, mesh)`` (so its
+    compiled programs are reused when a defense is rebuilt); a small FIFO cache."""
+    mesh = mesh_lib.active(mesh)
+    key = (apply_fn, unravel, cfg, resolve_layout(cfg.layout)) + (() if mesh is None else (mesh,))
     try:
         return _RECONSTRUCTORS[key]
     except (KeyError, TypeError):  # TypeError: unhashable callables -> no caching
         pass
-    rec = Reconstructor(apply_fn, unravel, cfg)
+    rec = Reconstructor(apply_fn, unravel, cfg, mesh)
     try:
         if len(_RECONSTRUCTORS) >= _MAX_CACHED:
             _RECONSTRUCTORS.pop(next(iter(_RECONSTRUCTORS)))
@@ -612,7 +748,9 @@ class RedefenseState(NamedTuple):
     """Defense state.
 
     Attributes:
-      knowledge: :class:`Knowledge` of all ``C`` clients.
+      knowledge: :class:`Knowledge` of all ``C`` clients (with a mesh of several devices:
+        rows padded to a multiple of the device count and split over the devices; the
+        padding rows belong to no client).
       last_opt_round: ``[C]`` int32, last round whose reconstruction optimised the client's
         knowledge (0 = never); drives the intermittent variant's refinements.
     """
@@ -644,8 +782,7 @@ def iteration_caps(cfg: RedefenseConfig, seen, last_opt_round, round_: int) -> n
     return caps.astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _gather_clients(knowledge: Knowledge, ids, reset_momentum: bool) -> Knowledge:
+def _gather_clients_impl(knowledge: Knowledge, ids, reset_momentum: bool) -> Knowledge:
     """Knowledge rows ``ids`` (``[S]``), momentum zeroed when ``reset_momentum``."""
     kn = jax.tree_util.tree_map(lambda x: x[ids], knowledge)
     if reset_momentum:
@@ -655,15 +792,20 @@ def _gather_clients(knowledge: Knowledge, ids, reset_momentum: bool) -> Knowledg
     return kn
 
 
-@jax.jit
-def _scatter_clients(knowledge: Knowledge, last_opt_round, slots: Knowledge, write_ids,
-                     opt_ids, round_):
+_gather_clients = jax.jit(_gather_clients_impl, static_argnums=(2,))
+
+
+def _scatter_clients_impl(knowledge: Knowledge, last_opt_round, slots: Knowledge, write_ids,
+                          opt_ids, round_):
     """Writes reconstructed slots back (ids ``C`` are dropped), marks them seen and sets
     ``last_opt_round`` of the optimised ones to ``round_``."""
     slots = slots._replace(seen=jnp.ones_like(slots.seen))
     knowledge = jax.tree_util.tree_map(lambda a, b: a.at[write_ids].set(b, mode="drop"),
                                        knowledge, slots)
     return knowledge, last_opt_round.at[opt_ids].set(round_, mode="drop")
+
+
+_scatter_clients = jax.jit(_scatter_clients_impl)
 
 
 def _resolve_aggregator(agg, ctx: DefenseContext):
@@ -700,11 +842,11 @@ def make_redefense(ctx: DefenseContext) -> Defense:
     """
     cfg = ctx.config
     aggregator = _resolve_aggregator(cfg.aggregator, ctx)
-    rec = get_reconstructor(ctx.apply_fn, ctx.unravel, cfg)
+    rec = get_reconstructor(ctx.apply_fn, ctx.unravel, cfg, ctx.mesh)
 
     def init(num_clients, key):
-        kn = init_knowledge(key, num_clients, ctx.input_shape, ctx.num_classes,
-                            cfg.images_per_class, cfg.alpha_init, cfg.init_noise)
+        kn = rec.init_knowledge(key, num_clients, ctx.input_shape, ctx.num_classes,
+                                cfg.images_per_class, cfg.alpha_init, cfg.init_noise)
         return RedefenseState(kn, jnp.zeros((num_clients,), jnp.int32))
 
     def decide(errors, bad, valid) -> np.ndarray:
@@ -723,7 +865,7 @@ def make_redefense(ctx: DefenseContext) -> Defense:
         bad = invalid_updates(updates, valid)
         run = valid & ~bad
         gather_ids = np.where(valid, ids, 0)
-        kn = _gather_clients(state.knowledge, jnp.asarray(gather_ids), cfg.reset_momentum)
+        kn = rec.gather_clients(state.knowledge, jnp.asarray(gather_ids), cfg.reset_momentum)
         last_opt = np.asarray(state.last_opt_round)[gather_ids]
         caps = iteration_caps(cfg, kn.seen, last_opt, inp.round)
         res = rec.reconstruct(kn, inp.global_params, jnp.where(run[:, None], updates, 0.0),
@@ -752,9 +894,10 @@ def make_redefense(ctx: DefenseContext) -> Defense:
         weights = (valid & ~flagged).astype(np.float32)
         aggregate = aggregator(updates, jnp.asarray(weights), inp)
 
-        knowledge, last_opt_round = _scatter_clients(
+        rows = state.knowledge.alpha.shape[0]  # num_clients, or padded to the devices
+        knowledge, last_opt_round = rec.scatter_clients(
             state.knowledge, state.last_opt_round, res.knowledge,
-            jnp.asarray(np.where(run, ids, num_clients)),
+            jnp.asarray(np.where(run, ids, rows)),
             jnp.asarray(np.where(run & (res.iterations > 0), ids, num_clients)),
             jnp.int32(inp.round))
 
