@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -203,3 +204,65 @@ def test_orbax_info_is_dropped_and_its_warnings_kept(tmp_path, caplog):
     warn = logging.LogRecord("absl", logging.WARNING, orbax_path, 1, "w", None, None)
     ours = logging.LogRecord("absl", logging.INFO, os.path.join("fedredefense_jax", "runner.py"), 1, "i", None, None)
     assert checkpoint._not_orbax_info(warn) and checkpoint._not_orbax_info(ours)
+
+
+class _Pair(NamedTuple):
+    first: jax.Array
+    second: jax.Array
+
+
+class _Swapped(NamedTuple):
+    second: jax.Array
+    first: jax.Array
+
+
+class _Renamed(NamedTuple):
+    first: jax.Array
+    other: jax.Array
+
+
+def _pair_state(defense_state, round_=0):
+    return simulation.SimState(round_, jnp.arange(3.0), jax.random.key(1), np.zeros(2, bool), defense_state, ())
+
+
+def test_checkpoint_holds_named_arrays_and_restores_fields_by_name(tmp_path):
+    ck = checkpoint.Checkpointer(str(tmp_path / "ck"))
+    ck.save(_pair_state(_Pair(jnp.ones(4), jnp.full(4, 2.0)), round_=5))
+    saved = ck.saved_arrays()
+    assert set(saved) == {"round", "state.params", "state.key", "state.expelled", "state.defense_state.first",
+                          "state.defense_state.second"}
+    assert saved["state.key"][:2] == ((2,), np.dtype(np.uint32))
+    # the same fields in another order: each restored into its own name
+    back = ck.restore(_pair_state(_Swapped(jnp.zeros(4), jnp.zeros(4))))
+    assert back.round == 5 and isinstance(back.defense_state, _Swapped)
+    np.testing.assert_array_equal(back.defense_state.first, np.ones(4))
+    np.testing.assert_array_equal(back.defense_state.second, np.full(4, 2.0))
+    # a renamed field: refused with both names
+    with pytest.raises(checkpoint.CheckpointError, match="state.defense_state.other.*state.defense_state.second"):
+        ck.restore(_pair_state(_Renamed(jnp.zeros(4), jnp.zeros(4))))
+    with pytest.raises(checkpoint.CheckpointError, match=r"state.defense_state.first is float32\[4\].*float32\[5\]"):
+        ck.restore(_pair_state(_Pair(jnp.zeros(5), jnp.zeros(4))))
+    ck.close()
+
+
+def test_numbered_checkpoint_of_earlier_versions_restores(tmp_path):
+    import orbax.checkpoint as ocp
+
+    state = _pair_state(_Pair(jnp.ones(4), jnp.full(4, 2.0)), round_=3)
+    leaves = jax.tree.leaves((state.params, state.key, state.expelled, state.defense_state, state.attack_state))
+    tree = {"round": np.asarray(3, np.int64),
+            "leaves": {f"{i:05d}": np.asarray(jax.random.key_data(x) if x.dtype == state.key.dtype else x)
+                       for i, x in enumerate(leaves)}}
+    manager = ocp.CheckpointManager(str(tmp_path / "ck"), options=ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=False))
+    manager.save(3, args=ocp.args.StandardSave(tree), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    ck = checkpoint.Checkpointer(str(tmp_path / "ck"))
+    back = ck.restore(_pair_state(_Pair(jnp.zeros(4), jnp.zeros(4))))
+    assert back.round == 3
+    np.testing.assert_array_equal(back.defense_state.second, np.full(4, 2.0))
+    assert np.array_equal(jax.random.key_data(back.key), jax.random.key_data(state.key))
+    ck.save(dataclasses.replace(back, round=4))  # continues in the named format
+    assert "state.defense_state.second" in ck.saved_arrays()
+    ck.close()
