@@ -9,10 +9,17 @@ checks. A plug-in's setting is unset by default (the plug-in's own default appli
 Table 7's for the dataset). A plug-in registered before this module is imported gets flags
 too; any plug-in's settings can be given as ``key=value`` strings.
 
+A script that places its runs on the client mesh also calls :func:`define_device_flags`
+(``--num_devices``, ``--coordinator_address``, ``--num_processes``, ``--process_id``:
+``mesh.DeviceSettings``, which are not settings of the experiment) and builds the mesh with
+:func:`client_mesh`; the other scripts do not take them.
+
     from fedredefense_jax import cli
 
+    cli.define_device_flags()
+
     def main(argv):
-        summary = runner.run(cli.experiment_config())
+        summary = runner.run(cli.experiment_config(), mesh=cli.client_mesh())
 
     cli.run(main)   # a bad flag prints one line "error: --flag: message" and exits with 2
 """
@@ -25,6 +32,7 @@ import sys
 from absl import app, flags
 
 from fedredefense_jax import attacks, defenses
+from fedredefense_jax import mesh as mesh_lib
 from fedredefense_jax.config import ConfigError, ExperimentConfig
 from fedredefense_jax.settings import Settings, base_type, coerce, type_hints
 
@@ -91,6 +99,26 @@ PLUGIN_SETTINGS = {kind: sorted({n for name in reg.names() for n in _define_sett
 flags.DEFINE_list("attack_config", [], "Attack settings as key=value (the names of the attack flags, or of "
                   "an attack registered elsewhere), e.g. attack_scale=2,trigger_pixels=24:24;22:24.")
 flags.DEFINE_list("defense_config", [], "Defense settings as key=value, e.g. gamma=0.5,flcert_groups=5.")
+
+
+DEVICE_FLAGS: list[str] = []  # the flags of mesh.DeviceSettings, once define_device_flags ran
+
+
+def define_device_flags() -> None:
+    """Defines ``--num_devices``, ``--coordinator_address``, ``--num_processes`` and
+    ``--process_id`` (``mesh.DeviceSettings``) for a script that runs on the client mesh
+    (before the flags are parsed; once)."""
+    if not DEVICE_FLAGS:
+        DEVICE_FLAGS.extend(_define_settings(mesh_lib.DeviceSettings, unset=False))
+
+
+def client_mesh() -> mesh_lib.ClientMesh:
+    """Starts the processes and builds the client mesh the device flags describe
+    (``mesh.start``; ConfigError naming a bad flag)."""
+    if not DEVICE_FLAGS:
+        raise RuntimeError("cli.define_device_flags() was not called")
+    given = {n: FLAGS[n].value for n in DEVICE_FLAGS}
+    return mesh_lib.start(mesh_lib.DeviceSettings.parse(given, owner="the client mesh"))
 
 
 def set_defaults(**values) -> None:

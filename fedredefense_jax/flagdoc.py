@@ -5,7 +5,8 @@
 
 Every experiment flag with its type, default and meaning; every attack and defense setting
 with the plug-ins that take it and each one's default; FedREDefense's per-dataset defaults
-(the paper's Table 7). A test keeps the committed file equal to this output.
+(the paper's Table 7); the device flags of the scripts that run on the client mesh. A test
+keeps the committed file equal to this output.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import sys
 
 from fedredefense_jax import cli
+from fedredefense_jax import mesh as mesh_lib
 from fedredefense_jax.config import ExperimentConfig
 from fedredefense_jax.defenses import redefense
 from fedredefense_jax.settings import base_type, type_hints
@@ -57,10 +59,10 @@ def _default(value) -> str:
     return "unset" if value is None else f"`{cli._shown(value)}`" if value != "" else '`""`'
 
 
-def _experiment_table() -> list[str]:
-    hints = type_hints(ExperimentConfig)
+def _settings_table(cls) -> list[str]:
+    hints = type_hints(cls)
     rows = ["| Flag | Type | Default | Meaning |", "|---|---|---|---|"]
-    for name, field in ExperimentConfig.fields().items():
+    for name, field in cls.fields().items():
         spec = field.metadata["spec"]
         rows.append(f"| `--{name}` | {_cell(_type(hints[field.name], spec))} | {_default(field.default)} "
                     f"| {_cell(spec.help)} |")
@@ -100,7 +102,7 @@ def _table7() -> list[str]:
 
 def markdown() -> str:
     """The flag reference as markdown."""
-    parts = [_HEADER, "## Experiment", "", *_experiment_table(), "",
+    parts = [_HEADER, "## Experiment", "", *_settings_table(ExperimentConfig), "",
              "## Attack settings", "",
              "Unset by default: the attack's own default applies. Also given as "
              "`--attack_config=key=value,...` (which takes the settings of attacks registered "
@@ -110,7 +112,12 @@ def markdown() -> str:
              "`--defense_config=key=value,...`.", "", *_plugin_table("defense"), "",
              "## FedREDefense's defaults per dataset (the paper's Table 7)", "",
              "An unset FedREDefense setting of this table takes the dataset's value; a given one wins.", "",
-             *_table7(), ""]
+             *_table7(), "",
+             "## Devices", "",
+             "Taken by `experiments/run.py` and `experiments/benchmark.py` (`cli.define_device_flags`); the other "
+             "scripts run on every local device. They are not settings of the experiment: `config.json` leaves "
+             "them out and a run resumes on another device count; `summary.json` records the mesh "
+             "([scale_out.md](scale_out.md)).", "", *_settings_table(mesh_lib.DeviceSettings), ""]
     return "\n".join(parts)
 
 

@@ -8,8 +8,14 @@
 * ``rounds.jsonl``: one JSON object per round, appended and flushed each round
   (:class:`RoundLog`, :func:`read_rounds`);
 * ``summary.json``: config, final metrics, time, environment (:func:`environment`, with
-  the code's commit), rewritten atomically (:func:`write_json`, :func:`read_summary`);
+  the code's commit), the client mesh (:func:`mesh_record`), rewritten atomically
+  (:func:`write_json`, :func:`read_summary`);
 * ``checkpoints/``: written by ``checkpoint.Checkpointer``.
+
+A run of several processes has one writer, process 0 (``mesh.is_writer``): the others check
+the directory (``prepare_output_dir(write=False)``), read the rounds of a checkpoint
+(``keep_rounds(rewrite=False)``) and keep no round log (``RoundLog(write=False)``); every
+process writes its part of the checkpoints.
 """
 
 from __future__ import annotations
@@ -105,9 +111,9 @@ def read_rounds(run_dir: str) -> list[dict]:
     return rows
 
 
-def keep_rounds(run_dir: str, upto: int) -> list[dict]:
-    """Cuts ``rounds.jsonl`` back to rounds ``1..upto`` (a checkpoint's) and returns them;
-    ConfigError when it holds fewer."""
+def keep_rounds(run_dir: str, upto: int, rewrite: bool = True) -> list[dict]:
+    """Cuts ``rounds.jsonl`` back to rounds ``1..upto`` (a checkpoint's) and returns them
+    (``rewrite=False``: only returns them); ConfigError when it holds fewer."""
     path = os.path.join(run_dir, ROUNDS)
     rows = []
     for row in read_rounds(run_dir) if os.path.exists(path) else []:
@@ -117,6 +123,8 @@ def keep_rounds(run_dir: str, upto: int) -> list[dict]:
     if len(rows) != upto:
         raise ConfigError("output_dir", f"{path} holds {len(rows)} complete rounds but the checkpoint is at "
                                         f"round {upto}; pass --overwrite to start the run again")
+    if not rewrite:
+        return rows
     fd, tmp = tempfile.mkstemp(dir=run_dir, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
@@ -125,12 +133,15 @@ def keep_rounds(run_dir: str, upto: int) -> list[dict]:
 
 
 class RoundLog:
-    """Appends round records to ``rounds.jsonl``, each flushed to disk before the next round."""
+    """Appends round records to ``rounds.jsonl``, each flushed to disk before the next round
+    (``write=False``: a log that writes nothing, for the processes other than the writer)."""
 
-    def __init__(self, run_dir: str):
-        self._file = open(os.path.join(run_dir, ROUNDS), "a")
+    def __init__(self, run_dir: str, write: bool = True):
+        self._file = open(os.path.join(run_dir, ROUNDS), "a") if write else None
 
     def append(self, record: dict) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps(jsonable(record), allow_nan=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -139,7 +150,8 @@ class RoundLog:
         return self
 
     def __exit__(self, *exc):
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def environment() -> dict:
@@ -156,6 +168,20 @@ def environment() -> dict:
         "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}", "num_devices": jax.device_count(),
         "host": platform.node(), "git_commit": git_commit(),
     }
+
+
+def mesh_record(mesh) -> dict:
+    """The client mesh (a ``mesh.ClientMesh``) as ``summary.json`` records it: ``devices``
+    (all processes), ``processes``, ``devices_per_process``, ``platform``, ``device_kind``
+    and the mesh ``axis``."""
+    import jax
+
+    from fedredefense_jax import mesh as mesh_lib
+
+    dev = mesh.devices[0]
+    return {"devices": mesh.size, "processes": jax.process_count(),
+            "devices_per_process": mesh.size // max(1, len({d.process_index for d in mesh.devices})),
+            "platform": dev.platform, "device_kind": getattr(dev, "device_kind", ""), "axis": mesh_lib.AXIS}
 
 
 def git_commit(path: str | None = None) -> str | None:
@@ -246,10 +272,10 @@ def upgrade_config(recorded: dict) -> dict:
     return out | {n: jsonable(getattr(typed, f.name)) for n, f in own.items()}
 
 
-def prepare_output_dir(cfg: config_lib.ExperimentConfig) -> None:
+def prepare_output_dir(cfg: config_lib.ExperimentConfig, write: bool = True) -> None:
     """Makes ``output_dir`` ready: refuses one that holds a run of a different configuration
-    (unless ``overwrite``, which deletes that run's outputs) and records this config."""
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    (unless ``overwrite``, which deletes that run's outputs) and records this config.
+    ``write=False`` only refuses (every process checks, the writing one also writes)."""
     cfg_path = os.path.join(cfg.output_dir, CONFIG)
     present = [n for n in _OUTPUTS if os.path.exists(os.path.join(cfg.output_dir, n))]
     mine = recorded_config(cfg)
@@ -273,7 +299,10 @@ def prepare_output_dir(cfg: config_lib.ExperimentConfig) -> None:
             shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:4])
             raise ConfigError("output_dir", f"{cfg.output_dir} holds a run with different settings ({shown}); "
                                             "pass --overwrite to replace it or choose another --output_dir")
-    elif present:
+    if not write:
+        return
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if present and cfg.overwrite:
         for n in present:
             path = os.path.join(cfg.output_dir, n)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

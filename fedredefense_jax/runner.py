@@ -7,6 +7,12 @@ rerunning the same config resumes from the newest one. ``summary.json`` holds ``
 (this process since it started or resumed) and ``rounds_s_total`` (the summed round times
 of every round, resumed ones included). SIGINT / SIGTERM stop after the current round with
 a checkpoint saved.
+
+The clients are split over a client mesh (``mesh.ClientMesh``: every local device by
+default, or every process's with ``jax.distributed``); ``summary.json`` records it. Every
+process runs the same rounds; only process 0 writes the run directory's files and logs,
+every process saves and restores its part of the checkpoints, and a checkpoint written on
+one device count resumes on another.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from fedredefense_jax import mesh as mesh_lib
 from fedredefense_jax import metrics, records, simulation, training
 from fedredefense_jax.config import ConfigError, ExperimentConfig, validate
 from fedredefense_jax.experiment import build
@@ -55,11 +62,17 @@ class _StopRequests:
             signal.signal(sig, old)
 
 
-def run(cfg: ExperimentConfig, progress: int = 1) -> dict:
+def run(cfg: ExperimentConfig, progress: int = 1, mesh: mesh_lib.ClientMesh | None = None) -> dict:
     """Runs the experiment, or resumes it from the newest checkpoint in ``output_dir``;
     returns the summary (also written to ``summary.json``). Logs a progress line (round,
     accuracy when evaluated, seconds per round, ETA) every ``progress`` rounds and at the
     last; ``progress=0`` (or False) logs none.
+
+    ``mesh``: the devices the clients are split over (default: every local device, or with
+    ``jax.distributed`` started every process's). Every process runs the same rounds; only
+    process 0 writes ``rounds.jsonl``, ``summary.json`` and ``config.json`` and logs, every
+    process saves and restores its part of the checkpoints (a checkpoint written on one
+    device count restores on another).
 
     Raises ConfigError for bad settings, a mismatched ``output_dir`` or an unusable
     checkpoint, and :class:`Stopped` after SIGINT/SIGTERM (with a checkpoint saved).
@@ -67,20 +80,28 @@ def run(cfg: ExperimentConfig, progress: int = 1) -> dict:
     from fedredefense_jax import checkpoint
 
     validate(cfg)
-    records.prepare_output_dir(cfg)
+    mesh = mesh_lib.ClientMesh() if mesh is None else mesh
+    writer = mesh_lib.is_writer()
+    records.prepare_output_dir(cfg, write=writer)
+    mesh_lib.barrier("fedredefense_output_dir")
     start = time.time()
-    setup = build(cfg)
+    setup = build(cfg, mesh)
     fed = setup.federation
-    logging.info("split: %s", setup.split)
-    ckpt = checkpoint.Checkpointer(os.path.join(cfg.output_dir, records.CHECKPOINTS))
-    state, rows = _resume(cfg, ckpt, simulation.init_state(fed))
+    if writer:
+        logging.info("split: %s", setup.split)
+        if mesh.size > 1:
+            logging.info("clients split over %d %s devices in %d process(es)", mesh.size, mesh.devices[0].platform,
+                         jax.process_count())
+    ckpt = checkpoint.Checkpointer(os.path.join(cfg.output_dir, records.CHECKPOINTS), mesh=mesh)
+    state, rows = _resume(cfg, ckpt, simulation.init_state(fed), writer)
     summary = {"config": records.recorded_config(cfg), "environment": records.environment(),
-               "split": setup.split, "param_count": int(fed.init_params.size), "status": "running"}
+               "mesh": records.mesh_record(mesh), "split": setup.split, "param_count": int(fed.init_params.size),
+               "status": "running"}
     if setup.asr_base is not None:
         summary["trigger_unseen"] = [list(p) for p in setup.trigger_unseen]
     history = _History(rows, setup.asr is not None, start)
     summary_path = os.path.join(cfg.output_dir, records.SUMMARY)
-    with _StopRequests() as stop, records.RoundLog(cfg.output_dir) as log:
+    with _StopRequests() as stop, records.RoundLog(cfg.output_dir, write=writer) as log:
         for t in range(state.round + 1, cfg.rounds + 1):
             r0 = time.time()
             state, rec = simulation.step(fed, state)
@@ -91,14 +112,16 @@ def run(cfg: ExperimentConfig, progress: int = 1) -> dict:
             rec["round_s"] = time.time() - r0
             history.add(rec)
             log.append(rec)
+            stop.requested = mesh_lib.any_process(stop.requested)  # every process stops together
             if t % cfg.checkpoint_every == 0 or t == cfg.rounds or stop.requested:
                 ckpt.save(state)
             if "test_acc" in rec or stop.requested:
                 summary.update(history.summary(fed, state))
                 if stop.requested:
                     summary["status"] = "stopped"
-                records.write_json(summary_path, summary)
-            if progress and (t % progress == 0 or t == cfg.rounds):
+                if writer:
+                    records.write_json(summary_path, summary)
+            if progress and writer and (t % progress == 0 or t == cfg.rounds):
                 _log_progress(rec, t, cfg.rounds, history.round_times)
             if stop.requested:
                 ckpt.close()
@@ -106,26 +129,28 @@ def run(cfg: ExperimentConfig, progress: int = 1) -> dict:
     ckpt.close()
     summary.update(history.summary(fed, state))
     summary["status"] = "done"
-    records.write_json(summary_path, summary)
+    if writer:
+        records.write_json(summary_path, summary)
     return summary
 
 
-def _resume(cfg: ExperimentConfig, ckpt, state: simulation.SimState):
+def _resume(cfg: ExperimentConfig, ckpt, state: simulation.SimState, writer: bool = True):
     """``(state, records of its rounds)`` from the newest checkpoint, or ``(state, [])``
-    (records of a run stopped before its first checkpoint are dropped)."""
+    (records of a run stopped before its first checkpoint are dropped by the ``writer``)."""
     from fedredefense_jax import checkpoint
 
     if ckpt.latest_round() is None:
         path = os.path.join(cfg.output_dir, records.ROUNDS)
-        if os.path.exists(path):
+        if writer and os.path.exists(path):
             os.remove(path)
         return state, []
     try:
         state = ckpt.restore(state)
     except checkpoint.CheckpointError as e:
         raise ConfigError("output_dir", f"{e}; pass --overwrite to start the run again") from None
-    rows = records.keep_rounds(cfg.output_dir, state.round)
-    logging.info("resumed from the checkpoint of round %d", state.round)
+    rows = records.keep_rounds(cfg.output_dir, state.round, rewrite=writer)
+    if writer:
+        logging.info("resumed from the checkpoint of round %d", state.round)
     return state, rows
 
 
