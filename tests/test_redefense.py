@@ -184,6 +184,55 @@ def test_vmap_layout_equals_map_layout(setup, cfg, three, batched_nocompact):
     np.testing.assert_allclose(res.errors, batched_nocompact.errors, atol=1e-4)
 
 
+# ------------------------------------------------------------ trajectories, early rejection
+
+
+@pytest.mark.slow
+def test_trajectory_records_the_loss_at_each_budget_and_the_first_iteration_below_gamma(rec, setup, cfg, three,
+                                                                                         batched_nocompact):
+    updates, kn, caps = three
+    res = batched_nocompact
+    budgets = np.asarray(rd.BUDGETS)
+    assert res.loss_at.shape == (3, len(budgets))
+    for i in range(3):
+        reached = budgets <= res.iterations[i]
+        assert np.isfinite(res.loss_at[i, reached]).all() and np.isnan(res.loss_at[i, ~reached]).all()
+    assert res.to_gamma[1] == 0 and res.errors[1] > cfg.gamma  # random: never below gamma
+    for i in (0, 2):  # genuine: the dynamic reconstruction stops at its first loss below gamma
+        assert res.errors[i] < cfg.gamma and res.to_gamma[i] == res.iterations[i] > 0
+    # the loss of iteration 10 is the error of a reconstruction capped at 10
+    ten = rec.reconstruct(kn, setup["w0"], updates, np.full(3, 10, np.int32), np.ones(3, bool), early_stop=False)
+    np.testing.assert_allclose(ten.errors, ten.loss_at[:, 0], rtol=1e-6)
+    long_enough = res.iterations >= 10
+    np.testing.assert_allclose(ten.loss_at[long_enough, 0], res.loss_at[long_enough, 0], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_early_rejection_stops_at_its_budget_with_the_same_decisions(setup, cfg, three, batched_nocompact):
+    updates, kn, caps = three
+    res = batched_nocompact
+    kept = res.errors <= cfg.gamma
+    # the bound as the method chooses it: above every loss at iteration 10 of a reconstruction
+    # that reached gamma, with a margin
+    bound = float(max(cfg.gamma, np.nanmax(np.where(kept, res.loss_at[:, 0], np.nan), initial=0.0)) + 0.01)
+    assert res.loss_at[1, 0] > bound  # the random update is rejected at 10, not at its cap of 40
+    early = rd.Reconstructor(setup["model"].apply, setup["unravel"], rd.make_config(
+        "fashion_mnist", {"redefense_layout": "map", "redefense_reject_at": 10, "redefense_reject_above": bound}))
+    out = early.reconstruct(kn, setup["w0"], updates, caps, np.ones(3, bool))
+    np.testing.assert_array_equal(out.errors > cfg.gamma, res.errors > cfg.gamma)
+    assert out.iterations[1] == 10 and res.iterations[1] == 40
+    np.testing.assert_array_equal(out.iterations[kept], res.iterations[kept])
+    np.testing.assert_allclose(out.errors[kept], res.errors[kept], atol=1e-5)
+
+
+def test_early_rejection_needs_both_settings_and_a_bound_above_gamma():
+    with pytest.raises(rd.ConfigError, match="--redefense_reject_above: early rejection needs both"):
+        rd.make_config("fashion_mnist", {"redefense_reject_above": 0.7}).check(None)
+    with pytest.raises(rd.ConfigError, match="--redefense_reject_above: 0.5 is below gamma"):
+        rd.make_config("fashion_mnist", {"redefense_reject_at": 50, "redefense_reject_above": 0.5}).check(None)
+    rd.make_config("fashion_mnist", {"redefense_reject_at": 50, "redefense_reject_above": 0.7}).check(None)
+
+
 # ------------------------------------------------------------ (d) compaction is exact
 
 
@@ -416,3 +465,20 @@ def test_adaptive_search_against_the_real_reconstruction(setup, round1):
     assert above["flagged"][0] and above["error"][0] > 0.6
     for a, b in zip(before, jax.tree_util.tree_leaves(state)):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_rejection_bound_is_above_every_trajectory_that_reached_gamma():
+    nan = None
+    rounds = [  # loss_at per participant at BUDGETS (10, 25, 50, ...)
+        {"loss_at": [[0.9, 0.7, 0.65, nan, nan, nan], [0.9, 0.62, nan, nan, nan, nan],
+                     [1.0, 0.95, 0.9, 0.88, 0.85, 0.84]],
+         "to_gamma": [60, 40, nan], "error": [0.59, 0.599, 0.84]},
+        {"loss_at": [[0.8, nan, nan, nan, nan, nan], [0.99, 0.93, 0.66, 0.61, nan, nan]],
+         "to_gamma": [nan, nan], "error": [0.7, 0.61]},  # a fixed-count variant's record: error decides
+    ]
+    out = rd.rejection_bound(rounds, 50, 0.02, 0.6)
+    assert out["reached"] == 1 and out["reached_max"] == 0.65 and out["bound"] == pytest.approx(0.67)
+    assert (out["unreached"], out["unreached_min"], out["unreached_rejected"]) == (2, 0.66, 1)
+    assert rd.rejection_bound(rounds, 10, 0.5, 0.6)["bound"] == pytest.approx(1.4)
+    with pytest.raises(ValueError, match="ran 400 iterations or more"):
+        rd.rejection_bound(rounds, 400, 0.02, 0.6)

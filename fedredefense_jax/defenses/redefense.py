@@ -82,7 +82,7 @@ from fedredefense_jax.defenses.base import (
     fedavg,
     nonfinite_rows,
 )
-from fedredefense_jax.settings import Settings, setting
+from fedredefense_jax.settings import ConfigError, Settings, setting
 
 # --------------------------------------------------------------------------------------
 # Configuration
@@ -167,6 +167,9 @@ class RedefenseConfig(Settings):
         rolled, faster to compile).
       aggregator: rule aggregating the kept slots: a name of :data:`AGGREGATORS` or a
         callable ``(updates[S, P], weights[S]) -> [P]``.
+      reject_at, reject_above: early rejection (off when unset): a reconstruction whose
+        loss after ``reject_at`` outer iterations is above ``reject_above`` (>= gamma) stops
+        there, its error that loss, so it is flagged without running to the cap.
     """
 
     gamma: float = setting(0.6, "FedREDefense: reconstruction-error threshold (paper: 0.6).", above=0)
@@ -201,6 +204,19 @@ class RedefenseConfig(Settings):
                                 "1: rolled, faster to compile).", parse=_unroll, name="redefense_inner_unroll")
     aggregator: Any = setting("fedavg", "FedREDefense: rule aggregating the kept updates.", choices=AGGREGATORS,
                               name="redefense_aggregator")
+    reject_at: Optional[int] = setting(None, "FedREDefense: early rejection: after this many outer iterations a "
+                                       "reconstruction whose loss is above redefense_reject_above stops (and is "
+                                       "flagged); unset: off.", low=1, name="redefense_reject_at")
+    reject_above: Optional[float] = setting(None, "FedREDefense: the loss bound of early rejection (at least "
+                                            "gamma).", above=0, name="redefense_reject_above")
+
+    def check(self, experiment) -> None:
+        if (self.reject_at is None) != (self.reject_above is None):
+            given = "redefense_reject_at" if self.reject_at is not None else "redefense_reject_above"
+            raise ConfigError(given, "early rejection needs both redefense_reject_at and redefense_reject_above")
+        if self.reject_above is not None and self.reject_above < self.gamma:
+            raise ConfigError("redefense_reject_above", f"{self.reject_above} is below gamma ({self.gamma}): it "
+                                                        "would flag reconstructions the paper's rule keeps")
 
     @classmethod
     def defaults(cls, given, dataset):
@@ -360,6 +376,10 @@ def sgd_momentum_step(params: tuple, moms: tuple, grads: tuple, lrs: tuple, mome
 # --------------------------------------------------------------------------------------
 
 
+#: Outer iterations at which each reconstruction's loss is recorded (its trajectory).
+BUDGETS = (10, 25, 50, 100, 200, 400)
+
+
 class _Carry(NamedTuple):
     images: jax.Array
     label_logits: jax.Array
@@ -370,6 +390,8 @@ class _Carry(NamedTuple):
     iters: jax.Array  # int32, outer iterations (loss evaluations) done this round
     err: jax.Array  # float32, last loss computed (NaN before the first)
     done: jax.Array  # bool
+    to_gamma: jax.Array  # int32, the first iteration whose loss was below gamma (0: none yet)
+    loss_at: jax.Array  # float32 [len(BUDGETS)], the loss of iteration b of each budget b (NaN: not reached)
 
 
 class ReconstructionResult(NamedTuple):
@@ -380,12 +402,18 @@ class ReconstructionResult(NamedTuple):
       iterations: ``[S]`` int32 numpy, outer iterations used (0 where not run).
       knowledge: :class:`Knowledge` ``[S, ...]`` after the round (``seen`` copied from input).
       chunks: list of ``(bucket_size, chunk_len)`` executed, for diagnostics.
+      to_gamma: ``[S]`` int32 numpy, the first outer iteration whose loss was below gamma
+        (0: none, or not run).
+      loss_at: ``[S, len(BUDGETS)]`` float32 numpy, the loss computed at outer iteration
+        ``b`` for each budget ``b`` of :data:`BUDGETS` (NaN where not reached).
     """
 
     errors: np.ndarray
     iterations: np.ndarray
     knowledge: Knowledge
     chunks: list
+    to_gamma: np.ndarray
+    loss_at: np.ndarray
 
 
 def resolve_layout(layout: str) -> str:
@@ -502,15 +530,22 @@ class Reconstructor:
             params, moms = sgd_momentum_step(
                 (c.images, c.label_logits, c.alpha), (c.mom_images, c.mom_labels, c.mom_alpha),
                 grads, lrs, cfg.momentum)
-            # Diverged (NaN/Inf loss): stop, the error is non-finite -> flagged.
-            stop = ~jnp.isfinite(loss) | (early_stop & (loss < cfg.gamma))
-            keep = lambda new, old: jnp.where(stop, old, new)
             iters = c.iters + 1
+            below = loss < cfg.gamma
+            # Diverged (NaN/Inf loss): stop, the error is non-finite -> flagged. Early
+            # rejection: stop a loss still above reject_above after reject_at iterations.
+            stop = ~jnp.isfinite(loss) | (early_stop & below)
+            if cfg.reject_at is not None:
+                stop = stop | ((iters == cfg.reject_at) & (loss > cfg.reject_above))
+            keep = lambda new, old: jnp.where(stop, old, new)
+            loss = loss.astype(jnp.float32)
             return _Carry(
                 keep(params[0], c.images), keep(params[1], c.label_logits),
                 keep(params[2], c.alpha), keep(moms[0], c.mom_images),
                 keep(moms[1], c.mom_labels), keep(moms[2], c.mom_alpha),
-                iters, loss.astype(jnp.float32), stop | (iters >= cap))
+                iters, loss, stop | (iters >= cap),
+                jnp.where((c.to_gamma == 0) & below, iters, c.to_gamma),
+                jnp.where(iters == jnp.asarray(BUDGETS), loss, c.loss_at))
 
         return lax.while_loop(cond, body, c)
 
@@ -601,12 +636,14 @@ class Reconstructor:
             errors = self._host(carry.err)[:s]
         errors = np.where(run, errors, np.nan).astype(np.float32)
         iters = np.where(run, self._host(carry.iters)[:s], 0).astype(np.int32)
+        to_gamma = np.where(run, self._host(carry.to_gamma)[:s], 0).astype(np.int32)
+        loss_at = np.where(run[:, None], self._host(carry.loss_at)[:s], np.nan).astype(np.float32)
         fields = (carry.images, carry.label_logits, carry.alpha, carry.mom_images, carry.mom_labels,
                   carry.mom_alpha)
         if rows != s:
             fields = self._head_jit(fields, s)
         new_k = Knowledge(*fields, jnp.asarray(knowledge.seen))
-        return ReconstructionResult(errors, iters, new_k, chunks)
+        return ReconstructionResult(errors, iters, new_k, chunks, to_gamma, loss_at)
 
     def compile_buckets(self, knowledge: Knowledge, w0, updates) -> int:
         """Compiles the programs of every bucket that :meth:`reconstruct` can meet for these
@@ -639,7 +676,8 @@ class Reconstructor:
             # jnp.array copies: the carry is donated, the caller's arrays must not be.
             carry = _Carry(*(jnp.array(a, jnp.float32) for a in fields),
                            jnp.zeros((s,), jnp.int32), jnp.full((s,), jnp.nan, jnp.float32),
-                           jnp.asarray(~run | (caps <= 0)))
+                           jnp.asarray(~run | (caps <= 0)), jnp.zeros((s,), jnp.int32),
+                           jnp.full((s, len(BUDGETS)), jnp.nan, jnp.float32))
             return carry, updates, gsq, jnp.asarray(caps), s, s
         rows = self.mesh.pad(s)
         carry, updates, gsq, caps_d = self._place_jit(fields, updates, gsq, jnp.asarray(caps),
@@ -703,7 +741,8 @@ def _place_slots(fields, updates, gsq, caps, done, rows: int):
     extra = rows - s
     pad = lambda a, v: jnp.concatenate([a, jnp.full((extra,) + a.shape[1:], v, a.dtype)]) if extra else a
     carry = _Carry(*(pad(jnp.asarray(a, jnp.float32), 0) for a in fields),
-                   jnp.zeros((rows,), jnp.int32), jnp.full((rows,), jnp.nan, jnp.float32), pad(done, True))
+                   jnp.zeros((rows,), jnp.int32), jnp.full((rows,), jnp.nan, jnp.float32), pad(done, True),
+                   jnp.zeros((rows,), jnp.int32), jnp.full((rows, len(BUDGETS)), jnp.nan, jnp.float32))
     return carry, pad(updates, 0), pad(gsq, 1), pad(caps, 0)
 
 
@@ -737,6 +776,36 @@ def reconstruct(apply_fn: Callable, unravel: Callable, cfg: RedefenseConfig,
     :func:`get_reconstructor`, so repeated calls reuse the compiled programs)."""
     return get_reconstructor(apply_fn, unravel, cfg).reconstruct(knowledge, w0, updates, caps,
                                                                  run, **kwargs)
+
+
+def rejection_bound(rounds, reject_at: int, margin: float, gamma: float) -> dict:
+    """Early rejection's bound from recorded trajectories (``rounds.jsonl`` records with
+    ``loss_at``, ``to_gamma`` and ``error`` per participant).
+
+    Over the participations that ran at least ``reject_at`` outer iterations (``reject_at``
+    one of :data:`BUDGETS`), ``bound = max(max loss_at[reject_at] of those that reached gamma
+    + margin, gamma)``: no recorded reconstruction that reached gamma would have been stopped.
+
+    Returns:
+      ``{'bound', 'reached', 'reached_max', 'unreached', 'unreached_min',
+      'unreached_rejected'}``: counts of the participations that reached gamma and of those
+      that never did, the largest loss of the first, the smallest of the second and how many
+      of the second the bound rejects. ValueError when none reached gamma.
+    """
+    b = BUDGETS.index(reject_at)
+    reached, unreached = [], []
+    for rec in rounds:
+        for loss_at, to_gamma, err in zip(rec.get("loss_at", []), rec.get("to_gamma", []), rec.get("error", [])):
+            if loss_at is None or loss_at[b] is None:
+                continue
+            reaches = to_gamma is not None or (err is not None and err <= gamma)
+            (reached if reaches else unreached).append(loss_at[b])
+    if not reached:
+        raise ValueError(f"no recorded reconstruction ran {reject_at} iterations or more and reached gamma")
+    bound = max(max(reached) + margin, gamma)
+    return {"bound": bound, "reached": len(reached), "reached_max": max(reached), "unreached": len(unreached),
+            "unreached_min": min(unreached) if unreached else None,
+            "unreached_rejected": sum(v > bound for v in unreached)}
 
 
 # --------------------------------------------------------------------------------------
@@ -837,8 +906,11 @@ def make_redefense(ctx: DefenseContext) -> Defense:
     """FedREDefense with the settings ``ctx.config`` (a :class:`RedefenseConfig`, Table 7's
     defaults for ``ctx.dataset`` where unset).
 
-    ``apply`` returns ``info = {'error': [S], 'iterations': [S], 'invalid_update': [S]}``;
-    ``error`` is NaN for slots that were not reconstructed.
+    ``apply`` returns ``info = {'error': [S], 'iterations': [S], 'to_gamma': [S],
+    'loss_at': [S, len(BUDGETS)], 'invalid_update': [S]}``: ``error`` is NaN for slots that
+    were not reconstructed; ``to_gamma`` the first outer iteration whose loss was below gamma
+    (NaN: never); ``loss_at`` the loss at each of :data:`BUDGETS` outer iterations (NaN where
+    the reconstruction stopped before).
     """
     cfg = ctx.config
     aggregator = _resolve_aggregator(cfg.aggregator, ctx)
@@ -906,7 +978,8 @@ def make_redefense(ctx: DefenseContext) -> Defense:
             flagged=jnp.asarray(flagged),
             weights=jnp.asarray(weights),
             info={"error": jnp.asarray(errors), "iterations": jnp.asarray(res.iterations),
-                  "invalid_update": jnp.asarray(bad), "detection_s": detection_s},
+                  "to_gamma": np.where(res.to_gamma > 0, res.to_gamma, np.nan),
+                  "loss_at": res.loss_at, "invalid_update": jnp.asarray(bad), "detection_s": detection_s},
         )
         return out, RedefenseState(knowledge, last_opt_round)
 
