@@ -24,6 +24,8 @@ def _other_value(name: str, field, hint):
         return ((1, 2), (3, 4))
     if name == "redefense_inner_unroll":
         return 2
+    if name == "redefense_reject_above":  # at least gamma (doubled to 1.2 here)
+        return 1.5
     if kind is bool:
         return not default
     if kind is int:
