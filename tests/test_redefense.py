@@ -255,7 +255,7 @@ def test_compaction_matches_no_compaction(rec, setup, three, batched_nocompact):
 def test_long_reconstruction_logs_progress_per_chunk(rec, setup, three, monkeypatch, caplog):
     updates, kn, caps = three
     monkeypatch.setattr(rd, "PROGRESS_AFTER_S", 0.0)  # every reconstruction counts as long
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):  # parsed flags may have set absl's level
         res = rec.reconstruct(kn, setup["w0"], updates, caps, np.ones(3, bool))
     lines = [r.getMessage() for r in caplog.records
              if r.getMessage().startswith("FedREDefense reconstruction:")]
