@@ -316,8 +316,8 @@ def test_cache_hit_skips_decoding(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("decoder called despite cache")
 
-    monkeypatch.setattr(data, "_decode_image", boom)
-    monkeypatch.setattr(data, "_iter_tar", boom)
+    monkeypatch.setattr(data.image_folder, "_decode_image", boom)
+    monkeypatch.setattr(data.image_folder, "_iter_tar", boom)
     second = load_dataset("cifar10", data_dir=str(tar), cache_dir=cache)
     assert_same(first, second)
     # Cache is keyed by dataset name too: cinic10 on the same archive decodes.
@@ -496,7 +496,7 @@ def test_real_cifar10(cifar_first_load, cifar_cache, monkeypatch):
     def no_decoding(*args):
         raise AssertionError("the second load decoded the archive instead of reading the cache")
 
-    monkeypatch.setattr(data, "_load_tree", no_decoding)  # the cache must serve the second load
+    monkeypatch.setattr(data.cache, "_load_tree", no_decoding)  # the cache must serve the second load
     t0 = time.perf_counter()
     cached = load_dataset("cifar10", data_dir=path, cache_dir=cifar_cache)
     print(f"CIFAR-10 cached load: {time.perf_counter() - t0:.3f} s")
