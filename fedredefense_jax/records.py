@@ -132,6 +132,29 @@ def keep_rounds(run_dir: str, upto: int, rewrite: bool = True) -> list[dict]:
     return rows
 
 
+def round_differences(a: list[dict], b: list[dict], shared_only: bool = True) -> list[str]:
+    """Where two runs' round records differ, ignoring timings (fields ending in ``_s``).
+
+    Args:
+      a, b: records of ``rounds.jsonl`` (:func:`read_rounds`).
+      shared_only: compare only the fields both records of a round have (a newer version may
+        record more); False counts a field one side lacks as a difference.
+
+    Returns:
+      One line per difference (``round R: field: A != B``, or a round only one side has);
+      empty when the records agree.
+    """
+    out = []
+    for ra, rb in zip(a, b):
+        keys = (ra.keys() & rb.keys()) if shared_only else (ra.keys() | rb.keys())
+        for k in sorted(k for k in keys if not k.endswith("_s")):
+            if ra.get(k) != rb.get(k):
+                out.append(f"round {ra.get('round')}: {k}: {ra.get(k)!r} != {rb.get(k)!r}")
+    out += [f"round {r.get('round')}: only in the first run" for r in a[len(b):]]
+    out += [f"round {r.get('round')}: only in the second run" for r in b[len(a):]]
+    return out
+
+
 class RoundLog:
     """Appends round records to ``rounds.jsonl``, each flushed to disk before the next round
     (``write=False``: a log that writes nothing, for the processes other than the writer)."""

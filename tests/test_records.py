@@ -64,3 +64,13 @@ def test_a_run_of_the_attacks_earlier_revision_is_not_resumed_with_todays(tmp_pa
     today = records.recorded_config(cfg)
     records.write_json(os.path.join(tmp_path, records.CONFIG), today)
     records.prepare_output_dir(cfg)  # the same revision resumes
+
+
+def test_round_differences_ignore_timings_and_fields_one_side_lacks():
+    a = [{"round": 1, "flagged": [2], "train_s": 1.0, "error": [0.5]}, {"round": 2, "flagged": []}]
+    b = [{"round": 1, "flagged": [2], "train_s": 9.0, "error": [0.5], "to_gamma": [3]}, {"round": 2, "flagged": []}]
+    assert records.round_differences(a, b) == []
+    assert records.round_differences(a, b, shared_only=False) == ["round 1: to_gamma: None != [3]"]
+    b[1]["flagged"] = [1]
+    assert records.round_differences(a, b) == ["round 2: flagged: [] != [1]"]
+    assert records.round_differences(a, b[:1]) == ["round 2: only in the first run"]
