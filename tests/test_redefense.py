@@ -1,4 +1,4 @@
-"""Tests of FedREDefense (fedredefense_jax/defenses/redefense.py) on tiny in-test models.
+"""Tests of FedREDefense (fedredefense_jax/defenses/redefense/) on tiny in-test models.
 
 Compiles are the expensive part on CPU (~3 s each), so the tests share one Reconstructor
 and one defense instance (module fixtures) and keep the slot/bucket shapes few.
@@ -17,6 +17,7 @@ from jax.flatten_util import ravel_pytree
 
 from fedredefense_jax import defenses
 from fedredefense_jax.defenses import redefense as rd
+from fedredefense_jax.defenses.redefense import reconstruction
 
 H, W, CIN, K = 8, 8, 1, 10
 
@@ -254,7 +255,7 @@ def test_compaction_matches_no_compaction(rec, setup, three, batched_nocompact):
 @pytest.mark.slow
 def test_long_reconstruction_logs_progress_per_chunk(rec, setup, three, monkeypatch, caplog):
     updates, kn, caps = three
-    monkeypatch.setattr(rd, "PROGRESS_AFTER_S", 0.0)  # every reconstruction counts as long
+    monkeypatch.setattr(reconstruction, "PROGRESS_AFTER_S", 0.0)  # every reconstruction counts as long
     with caplog.at_level(logging.INFO, logger="absl"):  # parsed flags may have set absl's level
         res = rec.reconstruct(kn, setup["w0"], updates, caps, np.ones(3, bool))
     lines = [r.getMessage() for r in caplog.records

@@ -12,8 +12,8 @@ import pytest
 from fedredefense_jax import defenses
 from fedredefense_jax.config import ConfigError, ExperimentConfig, validate
 from fedredefense_jax.defenses import flame as flame_lib
-from fedredefense_jax.defenses import redefense as rd
 from fedredefense_jax.defenses import robust
+from fedredefense_jax.defenses.redefense import defense as redefense_lib
 
 P = 24
 
@@ -309,7 +309,7 @@ def test_redefense_aggregator_applies_the_rule_to_kept_slots(name):
     u, valid, cand = random_round(7, nan=())
     weights = np.array([1, 0, 1, 1, 1, 0, 1, 0, 0], np.float32)  # slots 1, 5 flagged
     c = ctx(config={"redefense_aggregator": name})
-    agg_fn = rd._resolve_aggregator(name, c)
+    agg_fn = redefense_lib._resolve_aggregator(name, c)
     inp = defenses.DefenseInput(jnp.zeros((P,)), jnp.asarray(u), jnp.arange(9), jnp.asarray(valid), 1,
                                 jax.random.PRNGKey(0))
     got = agg_fn(jnp.asarray(u), jnp.asarray(weights), inp)
@@ -322,7 +322,7 @@ def test_redefense_aggregator_applies_the_rule_to_kept_slots(name):
 
 def test_redefense_aggregator_names_are_validated():
     with pytest.raises(ValueError, match="aggregator"):
-        rd._resolve_aggregator("flame_typo", ctx())
+        redefense_lib._resolve_aggregator("flame_typo", ctx())
     cfg = ExperimentConfig(defense="fedredefense", defense_config={"redefense_aggregator": "mean"})
     with pytest.raises(ConfigError) as e:
         validate(cfg)
