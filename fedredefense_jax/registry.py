@@ -38,6 +38,11 @@ class Registry:
 
         return wrap
 
+    def unregister(self, name: str) -> None:
+        """Removes ``name`` (KeyError when it is not registered), e.g. an entry registered
+        for a test or a notebook cell run again."""
+        del self._factories[name], self._settings[name]
+
     def _ensure_loaded(self) -> None:
         if not self._loaded:
             self._loaded = True

@@ -26,14 +26,20 @@ def test_register_attack_from_outside_the_package():
             return attacks.replace_malicious(inp, -5.0 * inp.updates), state
         return attacks.Attack("test_negate_and_scale", lambda num_clients, key: (), apply)
 
-    assert "test_negate_and_scale" in attacks.names()
-    a = attacks.make("test_negate_and_scale", _ctx())
-    u = np.arange(12, dtype=np.float32).reshape(4, 3)
-    out, _ = a.apply(a.init(4, None), _input(u, np.array([False, False, True, True])))
-    np.testing.assert_array_equal(out[:2], u[:2])
-    np.testing.assert_array_equal(out[2:], -5 * u[2:])
-    with pytest.raises(ValueError, match="already registered"):
-        attacks.register("test_negate_and_scale")(make)
+    try:
+        assert "test_negate_and_scale" in attacks.names()
+        a = attacks.make("test_negate_and_scale", _ctx())
+        u = np.arange(12, dtype=np.float32).reshape(4, 3)
+        out, _ = a.apply(a.init(4, None), _input(u, np.array([False, False, True, True])))
+        np.testing.assert_array_equal(out[:2], u[:2])
+        np.testing.assert_array_equal(out[2:], -5 * u[2:])
+        with pytest.raises(ValueError, match="already registered"):
+            attacks.register("test_negate_and_scale")(make)
+    finally:
+        attacks.unregister("test_negate_and_scale")
+    assert "test_negate_and_scale" not in attacks.names()
+    with pytest.raises(KeyError):
+        attacks.unregister("test_negate_and_scale")
 
 
 def test_unknown_names_list_the_registered_ones():

@@ -128,13 +128,17 @@ def test_a_plugin_registered_elsewhere_declares_settings_the_same_way():
     def make(ctx):
         return attacks.Attack("test_with_settings", lambda n, k: (), lambda s, inp: (inp.updates, s))
 
-    cfg = _from_argv("--attack=test_with_settings", "--attack_config=test_factor=2.5,test_mode=b")
-    assert config.attack_settings(cfg) == FactorSettings(2.5, "b")
-    for bad, flag in (({"test_factr": "2"}, "test_factr"), ({"test_factor": "-1"}, "test_factor"),
-                      ({"test_mode": "c"}, "test_mode")):
-        with pytest.raises(ConfigError) as e:
-            config.validate(dataclasses.replace(cfg, attack_config=bad))
-        assert e.value.flag == flag and "attack test_with_settings" in str(e.value)
+    try:
+        cfg = _from_argv("--attack=test_with_settings", "--attack_config=test_factor=2.5,test_mode=b")
+        assert config.attack_settings(cfg) == FactorSettings(2.5, "b")
+        for bad, flag in (({"test_factr": "2"}, "test_factr"), ({"test_factor": "-1"}, "test_factor"),
+                          ({"test_mode": "c"}, "test_mode")):
+            with pytest.raises(ConfigError) as e:
+                config.validate(dataclasses.replace(cfg, attack_config=bad))
+            assert e.value.flag == flag and "attack test_with_settings" in str(e.value)
+    finally:  # other tests (the generated flag reference) see the package's plug-ins only
+        attacks.unregister("test_with_settings")
+    assert "test_with_settings" not in attacks.names()
 
 
 @pytest.mark.parametrize("argv,line", [

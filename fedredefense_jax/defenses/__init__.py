@@ -37,6 +37,7 @@ def _load_builtins() -> None:
 
 _REGISTRY = Registry("defense", _load_builtins)
 register = _REGISTRY.register
+unregister = _REGISTRY.unregister
 names = _REGISTRY.names
 make = _REGISTRY.make
 settings = _REGISTRY.settings
