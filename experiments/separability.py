@@ -57,10 +57,33 @@ def collect(patterns: list[str]) -> dict[str, list[sep.Participation]]:
             print(f"skipped {e}", file=sys.stderr)
             continue
         cfg = records.read_config(d)
-        label = f"{cfg.get('attack', 'none')} ({cfg['num_malicious']} of {cfg['num_clients']})"
-        out[label].append(parts)
-    order = sorted(out, key=lambda label: (label.split(" ")[0], int(label.split("(")[1].split(" ")[0])))
+        out[_label(cfg)].append(parts)
+    order = sorted(out, key=lambda label: (label.split(" ")[0], int(label.split("(")[1].split(" ")[0]), label))
     return {label: _merge(out[label]) for label in order}
+
+
+_TRAIN_IMAGES = {"fashion_mnist": 60000, "cifar10": 50000, "cinic10": 90000}
+
+
+def _label(cfg: dict) -> str:
+    """``attack (q of p)`` and the settings that differ from the paper's defaults (beta 0.1, 1
+    epoch, every client every round, about 600 images per client, Fashion-MNIST)."""
+    extra = []
+    dataset = cfg.get("dataset", "fashion_mnist")
+    if dataset != "fashion_mnist":
+        extra.append(dataset)
+    images = cfg.get("train_subset") or _TRAIN_IMAGES.get(dataset, 0)
+    per_client = images // max(cfg["num_clients"], 1)
+    if dataset == "fashion_mnist" and abs(per_client - 600) > 60:
+        extra.append(f"{per_client} images per client")
+    if cfg.get("beta", 0.1) != 0.1:
+        extra.append(f"beta {cfg['beta']:g}")
+    if cfg.get("local_epochs", 1) != 1:
+        extra.append(f"{cfg['local_epochs']} epochs")
+    if cfg.get("participation_rate", 1.0) != 1.0:
+        extra.append(f"participation {cfg['participation_rate']:g}")
+    label = f"{cfg.get('attack', 'none')} ({cfg['num_malicious']} of {cfg['num_clients']})"
+    return label + (", " + ", ".join(extra) if extra else "")
 
 
 def _merge(runs: list[list[sep.Participation]]) -> list[sep.Participation]:

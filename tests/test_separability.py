@@ -13,10 +13,10 @@ from fedredefense_jax import separability as sep
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "separability.py")
 
 
-def _run_dir(path, rounds, attack="scaling", defense="fedredefense", reject_at=None, done=True):
+def _run_dir(path, rounds, attack="scaling", defense="fedredefense", reject_at=None, done=True, **settings):
     os.makedirs(path)
-    cfg = {"attack": attack, "defense": defense, "num_clients": 4, "num_malicious": 2,
-           "defense_config": {"gamma": 0.6, "redefense_reject_at": reject_at}}
+    cfg = {"attack": attack, "defense": defense, "num_clients": 4, "num_malicious": 2, "train_subset": 2400,
+           "defense_config": {"gamma": 0.6, "redefense_reject_at": reject_at}, **settings}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
     with open(os.path.join(path, "rounds.jsonl"), "w") as f:
@@ -92,6 +92,7 @@ def test_script_writes_page_and_figures_and_merges_runs_of_one_setting(tmp_path)
     a = _run_dir(tmp_path / "a", [ROUND1, ROUND2])
     b = _run_dir(tmp_path / "b", [{k: v for k, v in ROUND1.items() if k not in ("to_gamma", "loss_at")}])
     _run_dir(tmp_path / "c", [ROUND1], done=False)
+    _run_dir(tmp_path / "d", [ROUND1], beta=0.5, train_subset=None)
     out = tmp_path / "page" / "sep"
     res = subprocess.run([sys.executable, SCRIPT, f"--out={out}", str(tmp_path / "*")],
                          capture_output=True, text=True, timeout=120)
@@ -99,9 +100,11 @@ def test_script_writes_page_and_figures_and_merges_runs_of_one_setting(tmp_path)
     assert "not a finished run" in res.stderr
     page = (tmp_path / "page" / "sep.md").read_text()
     # a and b are one row (same attack and counts); round 1 counted once, with a's trajectory
-    first = [line for line in page.splitlines() if line.startswith("| scaling (2 of 4)")]
+    first = [line for line in page.splitlines() if line.startswith("| scaling (2 of 4) |")]
     assert first[0].startswith("| scaling (2 of 4) | 2 / 2 | 1 | 100 / 0 | 1.000 / 100 | 1.000 / 100 |")
     assert first[1].startswith("| scaling (2 of 4) | 2 / 1 | 0 | 0 / 0 | 1.000 / 100 | 1.000 / 100 |")
+    # settings other than the paper's make a row of their own
+    assert "| scaling (2 of 4), 15000 images per client, beta 0.5 | 2 / 2 |" in page
     assert (tmp_path / "page" / "sep.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "page" / "sep_scatter.png").stat().st_size > 1000
     del a, b
