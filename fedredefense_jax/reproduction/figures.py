@@ -193,6 +193,7 @@ def plot_sweep(page: Page, res: dict) -> bytes:
     axes = fig.subplots(per * len(datasets), len(attacks), squeeze=False)
     x = np.arange(len(page.sweep))
     labels = [lab for _, lab in page.sweep]
+    labelled = set()  # rows whose first drawn panel carries the y label
     for b, d in enumerate(datasets):
         for j, a in enumerate(attacks):
             blocks = [("dacc", "DACC (%)", [f for f in page.columns if f in grid.LABELLING]),
@@ -212,7 +213,8 @@ def plot_sweep(page: Page, res: dict) -> bytes:
                 ax.set_xticklabels(labels, fontsize=7, rotation=20)
                 ax.set_ylim(-3, 103)
                 ax.grid(alpha=0.3)
-                if j == 0:
+                if (b, i) not in labelled:
+                    labelled.add((b, i))
                     ax.set_ylabel(f"{paper.DATASET_NAMES[d]}\n{ylabel}" if len(datasets) > 1 else ylabel)
                 if i == 0:
                     ax.set_title(attack_name(a), fontsize=9)
