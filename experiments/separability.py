@@ -11,8 +11,9 @@ attackers, separately for first participations (the first-participation cap) and
 the paper rule's TPR / FPR at gamma, then per score (final ``error``, ``iterations`` to gamma,
 ``loss@b``) the ROC AUC and the clean catch (malicious participations above every benign one
 of the same runs). ``OUT.md``, ``OUT.png`` (ROC curves per score, first participations, one
-colour per attack) and ``OUT_scatter.png`` (iterations to gamma against final error, benign
-grey, gamma drawn). See ``fedredefense_jax/separability.py`` for the scores.
+colour per attack), ``OUT_scatter.png`` (iterations to gamma against final error, benign
+grey, gamma drawn) and ``OUT_iterations.png`` (iterations to gamma at the first
+participation, one line per row). See ``fedredefense_jax/separability.py`` for the scores.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import glob
 import os
 import sys
 
+import numpy as np
 from absl import app, flags
 
 from fedredefense_jax import records
@@ -104,11 +106,27 @@ def _f(x, pct=False) -> str:
     return f"{100 * x:.0f}" if pct else f"{x:.3f}"
 
 
+def _spread(ps: list[sep.Participation], malicious: bool) -> str:
+    """``median / max`` (benign) or ``min / median`` (malicious) iterations to gamma; ``never``
+    for the reconstructions that did not reach it."""
+    its = sep.scores([p for p in ps if p.malicious == malicious and not p.invalid], "iterations")
+    if not its.size:
+        return "-"
+    caps = {p.ran + 1 for p in ps if p.iterations is None and not p.invalid}  # the scores of "never"
+
+    def fmt(v):
+        return "never" if v in caps else f"{v:g}"
+
+    a, b = (np.median(its), its.max()) if not malicious else (its.min(), np.median(its))
+    return f"{fmt(a)} / {fmt(b)}"
+
+
 def table(groups: dict[str, list[sep.Participation]], first: bool, gamma: float) -> list[str]:
     """Markdown rows of one kind of participation (first or later)."""
     have_any = {n for parts in groups.values() for n in sep.score_names(parts)}
     names = [n for n in FLAGS.table_scores if n in have_any]
-    head = ["attack (attackers of clients)", "benign / malicious", "invalid", "paper rule TPR / FPR %"]
+    head = ["attack (attackers of clients)", "benign / malicious", "invalid", "paper rule TPR / FPR %",
+            "iterations to gamma, benign: median / max", "malicious: min / median"]
     head += [f"{n} AUC / clean %" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for label, parts in groups.items():
@@ -117,7 +135,8 @@ def table(groups: dict[str, list[sep.Participation]], first: bool, gamma: float)
             continue
         nb = sum(not p.malicious for p in ps)
         tpr, fpr = sep.paper_rule(ps, gamma)
-        row = [label, f"{nb} / {len(ps) - nb}", str(sum(p.invalid for p in ps)), f"{_f(tpr, True)} / {_f(fpr, True)}"]
+        row = [label, f"{nb} / {len(ps) - nb}", str(sum(p.invalid for p in ps)), f"{_f(tpr, True)} / {_f(fpr, True)}",
+               _spread(ps, False), _spread(ps, True)]
         have = sep.score_names(ps)
         for n in names:
             if n not in have:
@@ -174,6 +193,33 @@ def scatter_figure(groups, gamma: float, path: str) -> None:
     FigureCanvasAgg(fig).print_png(path, metadata={"Software": None})
 
 
+def strip_figure(groups, path: str) -> None:
+    """Iterations to gamma at the first participation, one line per row: benign dots, malicious crosses."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = list(groups)
+    fig = Figure(figsize=(8, 0.9 + 0.28 * len(labels)), layout="constrained")
+    ax = fig.subplots()
+    rng = np.random.default_rng(0)
+    for y, label in enumerate(labels):
+        ps = [p for p in groups[label] if p.first and not p.invalid]
+        for mal, style in ((False, dict(s=7, color="0.45", marker="o", linewidths=0)),
+                           (True, dict(s=14, color="tab:red", marker="x", linewidths=0.9))):
+            sub = [p for p in ps if p.malicious == mal]
+            if sub:
+                ax.scatter(sep.scores(sub, "iterations"), y + rng.uniform(-0.18, 0.18, len(sub)), **style,
+                           label="malicious" if mal else "benign")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xscale="log", xlabel="outer iterations to gamma at the first participation (cap + 1: never)")
+    ax.grid(axis="x", alpha=0.3)
+    handles, names = ax.get_legend_handles_labels()
+    uniq = dict(zip(names, handles))  # one entry per kind
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
+    FigureCanvasAgg(fig).print_png(path, metadata={"Software": None})
+
+
 def main(argv):
     if len(argv) < 2:
         print("error: give FedREDefense run directories (or globs)", file=sys.stderr)
@@ -187,6 +233,7 @@ def main(argv):
     names = [n for n in FLAGS.roc_scores if n in all_names]
     roc_figure(groups, names, FLAGS.out + ".png")
     scatter_figure(groups, FLAGS.gamma, FLAGS.out + "_scatter.png")
+    strip_figure(groups, FLAGS.out + "_iterations.png")
     base = os.path.basename(FLAGS.out)
     cmd = " ".join(["python experiments/separability.py", f"--out={FLAGS.out}"]
                    + ([f"--title='{FLAGS.title}'"] if FLAGS.title else []) + [f"'{a}'" for a in argv[1:]])
@@ -201,7 +248,8 @@ def main(argv):
     for first in (True, False):
         lines += [f"## {'First participations' if first else 'Later participations'}", ""]
         lines += table(groups, first, FLAGS.gamma) + [""]
-    lines += [f"![ROC]({base}.png)", "", f"![iterations against error]({base}_scatter.png)", ""]
+    lines += [f"![ROC]({base}.png)", "", f"![iterations against error]({base}_scatter.png)", "",
+              f"![iterations per row]({base}_iterations.png)", ""]
     with open(FLAGS.out + ".md", "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
