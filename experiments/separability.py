@@ -45,7 +45,7 @@ _COLORS = ("tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:
 def collect(patterns: list[str]) -> dict[str, list[sep.Participation]]:
     """Participations by row label (``attack (q of p)``), runs in sorted order."""
     out = collections.defaultdict(list)
-    dirs = sorted({d for p in patterns for d in (glob.glob(p) or [p])})
+    dirs = sorted({d for p in patterns for d in ([g for g in glob.glob(p) if os.path.isdir(g)] or [p])})
     for d in dirs:
         if not os.path.isdir(d):
             print(f"skipped {d}: not a directory", file=sys.stderr)
@@ -125,8 +125,8 @@ def table(groups: dict[str, list[sep.Participation]], first: bool, gamma: float)
     """Markdown rows of one kind of participation (first or later)."""
     have_any = {n for parts in groups.values() for n in sep.score_names(parts)}
     names = [n for n in FLAGS.table_scores if n in have_any]
-    head = ["attack (attackers of clients)", "benign / malicious", "invalid", "paper rule TPR / FPR %",
-            "iterations to gamma, benign: median / max", "malicious: min / median"]
+    head = ["attack (attackers of clients)", "benign / malicious", "no error (zero or non-finite)",
+            "paper rule TPR / FPR %", "iterations to gamma, benign: median / max", "malicious: min / median"]
     head += [f"{n} AUC / clean %" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for label, parts in groups.items():

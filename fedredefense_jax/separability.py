@@ -15,8 +15,9 @@ the fraction of malicious participations scoring above every benign participatio
 same group, i.e. the true-positive rate of the best threshold with no false positive.
 Records written before trajectories were recorded have no ``loss@b``; their
 ``iterations`` come from the number of iterations run (a reconstruction stops at gamma).
-Updates that are not finite are flagged before any reconstruction (``invalid``): they have
-no score and are counted apart.
+Updates whose error is undefined (non-finite, or of zero or overflowing norm, e.g. MPAF's
+in round 1, when the global model is still the initial one) are flagged before any
+reconstruction (``invalid``): they have no score and are counted apart.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class Participation(NamedTuple):
       ran: outer iterations run (the cap when gamma was never reached).
       loss_at: the loss after each of ``BUDGETS`` iterations (``None`` where not run or not
         recorded), or ``None`` for records without trajectories.
-      invalid: a non-finite update, flagged before any reconstruction (no score).
+      invalid: an update whose error is undefined (non-finite, zero or overflowing norm),
+        flagged before any reconstruction (no score).
     """
 
     attack: str
@@ -79,7 +81,7 @@ def participations(run_dir: str) -> list[Participation]:
         loss_at = rec.get("loss_at", [None] * n)
         for i, c in enumerate(rec["participants"]):
             err, its = rec["error"][i], rec["iterations"][i]
-            if err is None:  # a non-finite update: flagged before any reconstruction
+            if err is None:  # an update without error: flagged before any reconstruction
                 out.append(Participation(attack, rec["round"], c, c in bad, c not in seen,
                                          float("nan"), None, 0, None, invalid=True))
                 seen.add(c)

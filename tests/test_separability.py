@@ -101,8 +101,10 @@ def test_script_writes_page_and_figures_and_merges_runs_of_one_setting(tmp_path)
     page = (tmp_path / "page" / "sep.md").read_text()
     # a and b are one row (same attack and counts); round 1 counted once, with a's trajectory
     first = [line for line in page.splitlines() if line.startswith("| scaling (2 of 4) |")]
-    assert first[0].startswith("| scaling (2 of 4) | 2 / 2 | 1 | 100 / 0 | 30 / 40 | never / never | 1.000 / 100 | 1.000 / 100 |")
-    assert first[1].startswith("| scaling (2 of 4) | 2 / 1 | 0 | 0 / 0 | 5 / 7 | 300 / 300 | 1.000 / 100 | 1.000 / 100 |")
+    assert first[0].startswith("| scaling (2 of 4) | 2 / 2 | 1 | 100 / 0 | 30 / 40 | never / never | "
+                               "1.000 / 100 | 1.000 / 100 |")
+    assert first[1].startswith("| scaling (2 of 4) | 2 / 1 | 0 | 0 / 0 | 5 / 7 | 300 / 300 | 1.000 / 100 | "
+                               "1.000 / 100 |")
     # settings other than the paper's make a row of their own
     assert "| scaling (2 of 4), 15000 images per client, beta 0.5 | 2 / 2 |" in page
     assert (tmp_path / "page" / "sep.png").read_bytes()[:4] == b"\x89PNG"
