@@ -200,7 +200,7 @@ def strip_figure(groups, path: str) -> None:
     from matplotlib.figure import Figure
 
     labels = list(groups)
-    fig = Figure(figsize=(8, 0.9 + 0.28 * len(labels)), layout="constrained")
+    fig = Figure(figsize=(8, 1.2 + 0.28 * len(labels)), layout="constrained")
     ax = fig.subplots()
     rng = np.random.default_rng(0)
     for y, label in enumerate(labels):
@@ -217,7 +217,7 @@ def strip_figure(groups, path: str) -> None:
     ax.grid(axis="x", alpha=0.3)
     handles, names = ax.get_legend_handles_labels()
     uniq = dict(zip(names, handles))  # one entry per kind
-    ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
+    fig.legend(uniq.values(), uniq.keys(), fontsize=7, loc="outside lower center", ncols=2)
     FigureCanvasAgg(fig).print_png(path, metadata={"Software": None})
 
 
