@@ -18,7 +18,6 @@ every round's flagged clients, whether they are equal, and the detection seconds
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -37,12 +36,8 @@ flags.DEFINE_integer("reject_at", 50, "Outer iterations after which a reconstruc
 
 def calibrate(run_dirs: list[str], reject_at: int, margin: float, gamma: float) -> dict:
     """:func:`redefense.rejection_bound` over the records of ``run_dirs``."""
-    return redefense.rejection_bound([r for d in run_dirs for r in _rounds(d)], reject_at, margin, gamma)
-
-
-def _rounds(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, records.ROUNDS)) as f:
-        return [json.loads(line) for line in f]
+    return redefense.rejection_bound([r for d in run_dirs for r in records.read_rounds(d)], reject_at, margin,
+                                     gamma)
 
 
 def main(argv):
@@ -81,7 +76,7 @@ def main(argv):
                                          output_dir=os.path.join(base.output_dir, "early"))}
     for cfg in runs.values():
         runner.run(cfg)
-    a, b = (_rounds(runs[n].output_dir) for n in ("baseline", "early"))
+    a, b = (records.read_rounds(runs[n].output_dir) for n in ("baseline", "early"))
     equal = True
     print("\n| round | flagged (baseline) | flagged (early rejection) | equal | detection s baseline | early | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

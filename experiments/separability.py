@@ -29,6 +29,7 @@ from absl import app, flags
 
 from fedredefense_jax import records
 from fedredefense_jax import separability as sep
+from fedredefense_jax.reproduction.scales import TRAIN_SIZES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "results/separability", "Page and figures: OUT.md, OUT.png, OUT_scatter.png.")
@@ -65,9 +66,6 @@ def collect(patterns: list[str]) -> dict[str, list[sep.Participation]]:
     return {label: _merge(out[label]) for label in order}
 
 
-_TRAIN_IMAGES = {"fashion_mnist": 60000, "cifar10": 50000, "cinic10": 90000}
-
-
 def _label(cfg: dict) -> str:
     """``attack (q of p)`` and the settings that differ from the paper's defaults (beta 0.1, 1
     epoch, every client every round, about 600 images per client, Fashion-MNIST)."""
@@ -75,7 +73,7 @@ def _label(cfg: dict) -> str:
     dataset = cfg.get("dataset", "fashion_mnist")
     if dataset != "fashion_mnist":
         extra.append(dataset)
-    images = cfg.get("train_subset") or _TRAIN_IMAGES.get(dataset, 0)
+    images = cfg.get("train_subset") or TRAIN_SIZES.get(dataset, 0)
     per_client = images // max(cfg["num_clients"], 1)
     if dataset == "fashion_mnist" and abs(per_client - 600) > 60:
         extra.append(f"{per_client} images per client")
@@ -109,17 +107,13 @@ def _f(x, pct=False) -> str:
 
 def _spread(ps: list[sep.Participation], malicious: bool) -> str:
     """``median / max`` (benign) or ``min / median`` (malicious) iterations to gamma; ``never``
-    for the reconstructions that did not reach it."""
-    its = sep.scores([p for p in ps if p.malicious == malicious and not p.invalid], "iterations")
+    where the statistic falls on reconstructions that did not reach it."""
+    its = np.array([np.inf if p.iterations is None else p.iterations
+                    for p in ps if p.malicious == malicious and not p.invalid], dtype=np.float64)
     if not its.size:
         return "-"
-    caps = {p.ran + 1 for p in ps if p.iterations is None and not p.invalid}  # the scores of "never"
-
-    def fmt(v):
-        return "never" if v in caps else f"{v:g}"
-
     a, b = (np.median(its), its.max()) if not malicious else (its.min(), np.median(its))
-    return f"{fmt(a)} / {fmt(b)}"
+    return " / ".join("never" if np.isinf(v) else f"{v:g}" for v in (a, b))
 
 
 def table(groups: dict[str, list[sep.Participation]], first: bool, gamma: float) -> list[str]:

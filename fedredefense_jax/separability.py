@@ -81,16 +81,15 @@ def participations(run_dir: str) -> list[Participation]:
         loss_at = rec.get("loss_at", [None] * n)
         for i, c in enumerate(rec["participants"]):
             err, its = rec["error"][i], rec["iterations"][i]
-            if err is None:  # an update without error: flagged before any reconstruction
-                out.append(Participation(attack, rec["round"], c, c in bad, c not in seen,
-                                         float("nan"), None, 0, None, invalid=True))
-                seen.add(c)
-                continue
-            reached = to_gamma[i] if "to_gamma" in rec else (its if err <= gamma else None)
+            invalid = err is None  # an update without error: flagged before any reconstruction
+            if invalid:
+                reached = None
+            else:
+                reached = to_gamma[i] if "to_gamma" in rec else (its if err <= gamma else None)
             out.append(Participation(
-                attack=attack, round=rec["round"], client=c, malicious=c in bad,
-                first=c not in seen, error=float(err), iterations=reached, ran=int(its),
-                loss_at=tuple(loss_at[i]) if loss_at[i] is not None else None))
+                attack=attack, round=rec["round"], client=c, malicious=c in bad, first=c not in seen,
+                error=float("nan") if invalid else float(err), iterations=reached, ran=0 if invalid else int(its),
+                loss_at=tuple(loss_at[i]) if loss_at[i] is not None else None, invalid=invalid))
             seen.add(c)
     return out
 
@@ -149,14 +148,19 @@ class Separation(NamedTuple):
     used: int
 
 
+def _scored(parts: list[Participation], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scores ``name`` and malicious labels of the participations where the score is defined."""
+    s = scores(parts, name)
+    y = np.array([p.malicious for p in parts], dtype=bool)
+    ok = ~np.isnan(s)
+    return s[ok], y[ok]
+
+
 def separation(parts: list[Participation], name: str) -> Separation:
     """:class:`Separation` of score ``name`` over ``parts`` (participations where it is NaN left out)."""
     from sklearn.metrics import roc_auc_score
 
-    s = scores(parts, name)
-    y = np.array([p.malicious for p in parts], dtype=bool)
-    ok = ~np.isnan(s)
-    s, y = s[ok], y[ok]
+    s, y = _scored(parts, name)
     ben, mal = s[~y], s[y]
     both = ben.size > 0 and mal.size > 0
     return Separation(
@@ -164,17 +168,15 @@ def separation(parts: list[Participation], name: str) -> Separation:
         clean_catch=float(np.mean(mal > ben.max())) if both else None,
         benign_max=float(ben.max()) if ben.size else None,
         malicious_min=float(mal.min()) if mal.size else None,
-        used=int(ok.sum()))
+        used=int(s.size))
 
 
 def roc(parts: list[Participation], name: str) -> tuple[np.ndarray, np.ndarray]:
     """False- and true-positive rates of score ``name`` over ``parts`` (sklearn's ``roc_curve``)."""
     from sklearn.metrics import roc_curve
 
-    s = scores(parts, name)
-    y = np.array([p.malicious for p in parts], dtype=bool)
-    ok = ~np.isnan(s)
-    fpr, tpr, _ = roc_curve(y[ok], s[ok])
+    s, y = _scored(parts, name)
+    fpr, tpr, _ = roc_curve(y, s)
     return fpr, tpr
 
 

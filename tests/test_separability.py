@@ -89,8 +89,8 @@ def test_other_defenses_and_early_rejection_runs_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_script_writes_page_and_figures_and_merges_runs_of_one_setting(tmp_path):
-    a = _run_dir(tmp_path / "a", [ROUND1, ROUND2])
-    b = _run_dir(tmp_path / "b", [{k: v for k, v in ROUND1.items() if k not in ("to_gamma", "loss_at")}])
+    _run_dir(tmp_path / "a", [ROUND1, ROUND2])
+    _run_dir(tmp_path / "b", [{k: v for k, v in ROUND1.items() if k not in ("to_gamma", "loss_at")}])
     _run_dir(tmp_path / "c", [ROUND1], done=False)
     _run_dir(tmp_path / "d", [ROUND1], beta=0.5, train_subset=None)
     out = tmp_path / "page" / "sep"
@@ -110,7 +110,6 @@ def test_script_writes_page_and_figures_and_merges_runs_of_one_setting(tmp_path)
     assert (tmp_path / "page" / "sep.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "page" / "sep_scatter.png").stat().st_size > 1000
     assert (tmp_path / "page" / "sep_iterations.png").stat().st_size > 1000
-    del a, b
     bad = subprocess.run([sys.executable, SCRIPT, str(tmp_path / "nothing")], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "no finished FedREDefense run" in bad.stderr
