@@ -186,3 +186,41 @@ def paper_rule(parts: list[Participation], gamma: float) -> tuple[Optional[float
     mal = [p.error > gamma for p in parts if p.malicious and not p.invalid]
     ben = [p.error > gamma for p in parts if not p.malicious and not p.invalid]
     return (float(np.mean(mal)) if mal else None), (float(np.mean(ben)) if ben else None)
+
+
+def budget(parts: list[Participation], factor: float = 3.0, multiple: int = 10) -> int:
+    """The budget ``B`` of the budget rule from benign first participations of one setting.
+
+    The budget rule flags a client whose first reconstruction has not reached gamma after
+    ``B`` outer iterations; it is the paper's rule with the first-participation cap set to
+    ``B`` (``--first_cap=B``: a reconstruction stops at gamma, so a client passes exactly when
+    it reaches gamma within the cap). With ``m`` the most iterations any benign first
+    participation of ``parts`` needed::
+
+        B = multiple * ceil(factor * m / multiple)
+
+    Args:
+      parts: participations of calibration runs of the setting (runs without attack, or
+        their benign clients); malicious and later participations are ignored.
+      factor: headroom over the slowest benign client (> 1).
+      multiple: ``B`` is rounded up to a multiple of this.
+
+    Returns:
+      ``B`` (int). ValueError when there is no benign first participation, or one never
+      reached gamma (its cap was too small to calibrate on).
+    """
+    ben = [p for p in parts if p.first and not p.malicious and not p.invalid]
+    if not ben:
+        raise ValueError("no benign first participation to calibrate on")
+    never = [p.client for p in ben if p.iterations is None]
+    if never:
+        raise ValueError(f"benign client(s) {never[:5]} never reached gamma: raise the first cap and rerun")
+    m = max(p.iterations for p in ben)
+    return int(multiple * np.ceil(factor * m / multiple))
+
+
+def over_budget(parts: list[Participation], b: int) -> np.ndarray:
+    """``[len(parts)]`` bool: first participations the budget rule with budget ``b`` flags
+    (gamma not reached within ``b`` iterations; an invalid update is flagged anyway); False
+    for later participations, which the rule leaves to the paper's."""
+    return np.array([p.first and (p.invalid or p.iterations is None or p.iterations > b) for p in parts], bool)

@@ -113,3 +113,59 @@ def test_script_writes_page_and_figures_and_merges_runs_of_one_setting(tmp_path)
     bad = subprocess.run([sys.executable, SCRIPT, str(tmp_path / "nothing")], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "no finished FedREDefense run" in bad.stderr
+
+
+def test_budget_is_factor_times_slowest_benign_first_participation_rounded_up(tmp_path):
+    ps = sep.participations(_run_dir(tmp_path / "r", [ROUND1, ROUND2]))
+    # benign first participations reached gamma at 20 and 40 (later ones and malicious ignored)
+    assert sep.budget(ps) == 120
+    assert sep.budget(ps, factor=2.6, multiple=25) == 125
+    assert sep.over_budget(ps, 30).tolist() == [False, True, True, True, False, False, False]
+    assert sep.over_budget(ps, 40).tolist() == [False, False, True, True, False, False, False]
+    with pytest.raises(ValueError, match="never reached gamma"):
+        sep.budget([p._replace(malicious=False) for p in ps])
+    with pytest.raises(ValueError, match="no benign first participation"):
+        sep.budget([p for p in ps if p.malicious])
+
+
+CALIBRATE = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "calibrate_budget.py")
+COMPARE = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "compare_rules.py")
+
+
+@pytest.mark.slow
+def test_calibrate_budget_script_calibrates_and_checks(tmp_path):
+    d = _run_dir(tmp_path / "r", [ROUND1, ROUND2])
+    out = subprocess.run([sys.executable, CALIBRATE, d], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"| {d} | scaling | 2 | 30 / 40 |" in out.stdout and "--first_cap=120" in out.stdout
+    check = subprocess.run([sys.executable, CALIBRATE, "--budget=30", d], capture_output=True, text=True, timeout=60)
+    # client 1 (benign, 40 iterations) is over the budget: exit code 1
+    assert check.returncode == 1 and f"| {d} | scaling | 2 | 30 / 40 | 1 / 2 | 2 / 2 | 0.8x |" in check.stdout
+    bad = subprocess.run([sys.executable, CALIBRATE, str(tmp_path / "nothing")], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and "nothing is not a finished run directory" in bad.stderr
+
+
+@pytest.mark.slow
+def test_compare_rules_script_puts_rules_side_by_side(tmp_path):
+    for rule, flagged in (("a", [2, 3]), ("b", [3])):
+        d = _run_dir(tmp_path / rule / "scaling", [dict(ROUND1, flagged=flagged, detection_s=12.0, test_acc=0.5)])
+        with open(os.path.join(d, "summary.json"), "w") as f:
+            json.dump({"status": "done", "detection": {"dacc": 1.0 if rule == "a" else 0.75, "fpr": 0.0,
+                                                       "fnr": 0.0 if rule == "a" else 0.5, "aar": 0}}, f)
+    # without attack every client is benign: expelling client 0 of 4 is a false positive
+    d = _run_dir(tmp_path / "a" / "none", [dict(ROUND1, flagged=[0], detection_s=3.0)], attack="none")
+    with open(os.path.join(d, "summary.json"), "w") as f:
+        json.dump({"status": "done", "expelled": [0], "detection": {"dacc": 0.25, "fpr": 0.5, "fnr": 1.0}}, f)
+    out = tmp_path / "page"
+    res = subprocess.run([sys.executable, COMPARE, f"--out={out}", f"rule a={tmp_path / 'a'}",
+                          f"rule b={tmp_path / 'b'}"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    page = (tmp_path / "page.md").read_text()
+    assert "| Scaling | rule a | " in page and "| 100.0 / 0.0 / 0.0 / 0 | 2 / 2, 0 | 50.00 | 12 |" in page
+    assert "| 75.0 / 0.0 / 50.0 / 0 | 1 / 2, 0 |" in page
+    assert "| No attack | rule a | " in page and "| 75.0 / 25.0 / - / - | 0 / 0, 1 | - | 3 |" in page
+    assert "| No attack | rule b | - | - | - | - | - |" in page
+    assert (tmp_path / "page.png").read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run([sys.executable, COMPARE, "rule a"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "is not LABEL=DIR" in bad.stderr

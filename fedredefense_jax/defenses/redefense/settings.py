@@ -67,7 +67,9 @@ class RedefenseConfig(Settings):
       lr_images, lr_labels, lr_alpha: outer SGD learning rates (Table 7).
       alpha_init: initial inner learning rate (Table 7 "Virtual Model LR").
       first_cap: max outer iterations at a client's first participation (dynamic), or the
-        fixed count ``M`` of the other variants.
+        fixed count ``M`` of the other variants. Set below Table 7's, it is the budget rule:
+        a first update not reconstructed to gamma within ``first_cap`` iterations is flagged
+        (``separability.budget`` chooses it from benign runs of a setting).
       later_cap: max outer iterations later (dynamic), or ``M'`` of the other variants.
       variant: 'dynamic' | 'continuous' | 'intermittent'.
       interval: ``T_I`` of the intermittent variant (10 rounds).
@@ -95,7 +97,8 @@ class RedefenseConfig(Settings):
     lr_labels: float = _table7("lr_labels", "FedREDefense: outer LR of the label logits", low=0)
     lr_alpha: float = _table7("lr_alpha", "FedREDefense: outer LR of alpha", low=0)
     alpha_init: float = _table7("alpha_init", "FedREDefense: initial virtual-model LR alpha", above=0)
-    first_cap: int = _table7("first_cap", "FedREDefense: outer-iteration cap at a client's first participation",
+    first_cap: int = _table7("first_cap", "FedREDefense: outer-iteration cap at a client's first participation, "
+                             "or the budget of the budget rule (experiments/calibrate_budget.py)",
                              low=1)
     later_cap: int = _table7("later_cap", "FedREDefense: outer-iteration cap later", low=1)
     variant: str = setting(DEFAULT_VARIANT, "FedREDefense: optimisation schedule of Appendix B.3.",

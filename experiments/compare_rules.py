@@ -1,0 +1,146 @@
+"""Table 1 (DACC / FPR / FNR / AAR per attack) of FedREDefense under two or more decision rules,
+side by side: a page and a figure from recorded runs.
+
+    python experiments/compare_rules.py --out=results/budget_rule --title="..." \
+        "paper rule=runs/paper100" "budget rule, B = 150=runs/budget100"
+
+Each argument is ``LABEL=DIR``: the runs of one rule, one finished run per attack in the
+sub-directories of ``DIR`` (other directories are skipped with a line saying why). Per attack
+and rule: DACC / FPR / FNR / AAR of the final labels, the malicious and benign clients flagged
+at their first participation, the test accuracy (and attack success rate) at the last round, and
+round 1's detection seconds. ``OUT.md`` and ``OUT.png`` (DACC and AAR per attack, one colour
+per rule).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import shlex
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from fedredefense_jax import records
+from fedredefense_jax.reproduction.pages import ATTACK_NAMES, attack_name
+
+flags.DEFINE_string("out", "results/rules", "Page and figure: OUT.md, OUT.png.")
+flags.DEFINE_string("title", "", "Title of the page (the setting).")
+FLAGS = flags.FLAGS
+
+_ORDER = list(ATTACK_NAMES)
+
+
+def rule_runs(spec: str) -> tuple[str, dict[str, str]]:
+    """``(label, {attack: run_dir})`` from ``LABEL=DIR``."""
+    label, sep_, root = spec.rpartition("=")
+    if not sep_ or not label or not os.path.isdir(root):
+        raise SystemExit(f"compare_rules: {spec!r} is not LABEL=DIR with DIR a directory of runs")
+    runs = {}
+    for d in sorted(glob.glob(os.path.join(root, "*"))):
+        if not os.path.isdir(d):
+            continue
+        if records.finished(d) is None:
+            print(f"skipped {d}: not a finished run", file=sys.stderr)
+            continue
+        attack = records.read_config(d).get("attack", "none")
+        if attack in runs:
+            raise SystemExit(f"compare_rules: {root} holds two runs of attack {attack!r} ({runs[attack]}, {d})")
+        runs[attack] = d
+    return label, runs
+
+
+def row(run_dir: str) -> dict:
+    """The Table 1 numbers of one run."""
+    s = records.read_summary(run_dir)
+    det = s.get("detection", {})
+    rounds = records.read_rounds(run_dir)
+    cfg = records.read_config(run_dir)
+    honest = cfg.get("attack", "none") == "none"  # no attack: every client is benign
+    if honest:
+        fpr = len(s.get("expelled", [])) / cfg["num_clients"]
+        det = {"dacc": 1 - fpr, "fpr": fpr}
+    seen, mal, hit = set(), 0, collections.Counter()
+    for r in rounds:
+        bad = set() if honest else set(r.get("malicious", []))
+        for c in set(r["participants"]) - seen:  # first participations
+            mal += c in bad
+            if c in r["flagged"]:
+                hit[c in bad] += 1
+        seen |= set(r["participants"])
+    last = next((r for r in reversed(rounds) if "test_acc" in r), {})
+    return {"dacc": det.get("dacc"), "fpr": det.get("fpr"), "fnr": det.get("fnr"), "aar": det.get("aar"),
+            "first": f"{hit[True]} / {mal}, {hit[False]}",
+            "acc": " / ".join(f"{100 * last[k]:.2f}" for k in ("test_acc", "asr") if last.get(k) is not None) or "-",
+            "rounds": len(rounds), "detect1": rounds[0]["detection_s"] if rounds else None}
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def figure(rules: list[tuple[str, dict[str, dict]]], attacks: list[str], path: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 1.1 * len(attacks)), 5.5))
+    axes = fig.subplots(2, 1, sharex=True)
+    x = np.arange(len(attacks))
+    w = 0.8 / len(rules)
+    for k, (label, rows) in enumerate(rules):
+        for ax, key, scale in ((axes[0], "dacc", 100), (axes[1], "aar", 1)):
+            vals = [np.nan if rows.get(a, {}).get(key) is None else scale * rows[a][key] for a in attacks]
+            ax.bar(x + (k - (len(rules) - 1) / 2) * w, vals, w, label=label, color=f"C{k}")
+    axes[0].set(ylabel="DACC (%)", ylim=(0, 105))
+    axes[1].set(ylabel="AAR (rounds)")
+    axes[1].set_xticks(x, [attack_name(a) for a in attacks], rotation=30, ha="right")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", ncol=len(rules), fontsize="small")
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path, dpi=120)
+
+
+def main(argv):
+    if len(argv) < 2:
+        raise SystemExit("compare_rules: give LABEL=DIR for each rule")
+    rules = [rule_runs(spec) for spec in argv[1:]]
+    rows = [(label, {a: row(d) for a, d in runs.items()}) for label, runs in rules]
+    found = {a for _, runs in rules for a in runs}
+    attacks = [a for a in _ORDER if a in found] + sorted(found - set(_ORDER))
+    lines = [f"# FedREDefense's decision rules side by side{': ' + FLAGS.title if FLAGS.title else ''}", "",
+             "Generated by:", "", "    python " + " ".join(shlex.quote(a) for a in ["experiments/compare_rules.py",
+                                                                                   f"--out={FLAGS.out}"]
+                                                         + ([f"--title={FLAGS.title}"] if FLAGS.title else [])
+                                                         + argv[1:]), "",
+             "Per attack and rule: DACC / FPR / FNR (%) of the final labels and AAR (rounds a malicious client was "
+             "aggregated); *first*: malicious clients flagged at their first participation / malicious clients, "
+             "then benign clients flagged there; test accuracy (/ attack success rate) in % at the last round; "
+             "round 1's detection seconds (compilation included). Without attack every client is benign "
+             "(DACC = 100 - FPR; no FNR or AAR).", "",
+             "| attack | rule | runs | DACC / FPR / FNR / AAR | first | TACC (/ ASR) | round-1 detection s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for a in attacks:
+        for (label, runs), (_, rs) in zip(rules, rows):
+            if a not in rs:
+                lines.append(f"| {attack_name(a)} | {label} | - | - | - | - | - |")
+                continue
+            r = rs[a]
+            aar = "-" if r["aar"] is None else f"{r['aar']:g}"
+            det = "-" if r["detect1"] is None else f"{r['detect1']:.0f}"
+            lines.append(f"| {attack_name(a)} | {label} | {runs[a]} ({r['rounds']} rounds) | "
+                         f"{_pct(r['dacc'])} / {_pct(r['fpr'])} / {_pct(r['fnr'])} / {aar} | {r['first']} | "
+                         f"{r['acc']} | {det} |")
+    png = FLAGS.out + ".png"
+    figure(rows, attacks, png)
+    lines += ["", f"![DACC and AAR per attack and rule]({os.path.basename(png)})", ""]
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out + ".md", "w") as f:
+        f.write("\n".join(lines))
+    print(f"wrote {FLAGS.out}.md, {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
