@@ -127,7 +127,7 @@ def main(argv):
                 lines.append(f"| {attack_name(a)} | {label} | - | - | - | - | - |")
                 continue
             r = rs[a]
-            aar = "-" if r["aar"] is None else f"{r['aar']:g}"
+            aar = "-" if r["aar"] is None else f"{r['aar']:.3g}"
             det = "-" if r["detect1"] is None else f"{r['detect1']:.0f}"
             lines.append(f"| {attack_name(a)} | {label} | {runs[a]} ({r['rounds']} rounds) | "
                          f"{_pct(r['dacc'])} / {_pct(r['fpr'])} / {_pct(r['fnr'])} / {aar} | {r['first']} | "

@@ -224,3 +224,34 @@ def over_budget(parts: list[Participation], b: int) -> np.ndarray:
     (gamma not reached within ``b`` iterations; an invalid update is flagged anyway); False
     for later participations, which the rule leaves to the paper's."""
     return np.array([p.first and (p.invalid or p.iterations is None or p.iterations > b) for p in parts], bool)
+
+
+def loss_bound(parts: list[Participation], at: int = 50, margin: float = 0.06) -> float:
+    """The bound ``L`` of the loss rule from the benign participations of one setting.
+
+    The loss rule flags a client whose reconstruction loss after ``at`` outer iterations is
+    above ``L`` (a reconstruction that reached gamma sooner passes); it runs as early rejection,
+    ``--redefense_reject_at=at --redefense_reject_above=L``, on top of the paper's rule::
+
+        L = max over benign participations of loss@at + margin
+
+    Args:
+      parts: participations of calibration runs of the setting; malicious ones are ignored.
+      at: one of ``BUDGETS``.
+      margin: added to the largest benign loss.
+
+    Returns:
+      ``L`` (float). ValueError when no benign participation ran ``at`` iterations.
+    """
+    s = scores([p for p in parts if not p.malicious and not p.invalid], f"loss@{at}")
+    if not np.isfinite(s).any():
+        raise ValueError(f"no benign participation with a loss after {at} iterations to calibrate on")
+    return float(np.nanmax(s) + margin)
+
+
+def over_loss(parts: list[Participation], at: int, bound: float) -> np.ndarray:
+    """``[len(parts)]`` bool: participations the loss rule flags (loss after ``at`` iterations
+    above ``bound``; an invalid update is flagged anyway). The paper's rule still flags the
+    others whose error ends above gamma."""
+    s = scores(parts, f"loss@{at}")
+    return np.array([p.invalid or (not np.isnan(v) and v > bound) for p, v in zip(parts, s)], bool)

@@ -128,22 +128,40 @@ def test_budget_is_factor_times_slowest_benign_first_participation_rounded_up(tm
         sep.budget([p for p in ps if p.malicious])
 
 
-CALIBRATE = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "calibrate_budget.py")
+CALIBRATE = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "calibrate_rule.py")
 COMPARE = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "compare_rules.py")
 
 
+def test_loss_bound_is_the_largest_benign_loss_plus_margin(tmp_path):
+    ps = sep.participations(_run_dir(tmp_path / "r", [ROUND1, ROUND2]))
+    # loss after 25: benign 0.55 (reached gamma at 20: its error) and 0.7; malicious 0.9 ignored
+    assert sep.loss_bound(ps, at=25, margin=0.05) == pytest.approx(0.75)
+    assert sep.over_loss(ps, 25, 0.75).tolist() == [False, False, True, True, False, False, False]
+    assert sep.over_loss(ps, 25, 0.65).tolist() == [False, True, True, True, False, False, False]
+    with pytest.raises(ValueError, match="no benign participation with a loss after 50"):
+        sep.loss_bound([p for p in ps if p.round == 2], at=50)
+
+
 @pytest.mark.slow
-def test_calibrate_budget_script_calibrates_and_checks(tmp_path):
+def test_calibrate_rule_script_calibrates_and_checks(tmp_path):
     d = _run_dir(tmp_path / "r", [ROUND1, ROUND2])
-    out = subprocess.run([sys.executable, CALIBRATE, d], capture_output=True, text=True, timeout=60)
+    run = lambda *args: subprocess.run([sys.executable, CALIBRATE, *args], capture_output=True, text=True,  # noqa: E731
+                                       timeout=60)
+    out = run(d)
     assert out.returncode == 0, out.stderr
-    assert f"| {d} | scaling | 2 | 30 / 40 |" in out.stdout and "--first_cap=120" in out.stdout
-    check = subprocess.run([sys.executable, CALIBRATE, "--budget=30", d], capture_output=True, text=True, timeout=60)
-    # client 1 (benign, 40 iterations) is over the budget: exit code 1
-    assert check.returncode == 1 and f"| {d} | scaling | 2 | 30 / 40 | 1 / 2 | 2 / 2 | 0.8x |" in check.stdout
-    bad = subprocess.run([sys.executable, CALIBRATE, str(tmp_path / "nothing")], capture_output=True, text=True,
-                         timeout=60)
+    assert f"| {d} | scaling | 2 | 30 / 40 | 0.590 |" in out.stdout and "--first_cap=120" in out.stdout
+    # client 1 (benign, 40 iterations) is over the budget 30: exit code 1; the paper's rule flags
+    # malicious client 2 (0.61) and the invalid client 3
+    check = run("--threshold=30", d)
+    assert check.returncode == 1 and f"| {d} | scaling | 2 | 30 / 40 | 0.590 | 1 / 2 | 2 / 2 | 0 / 2 | 2 / 2 |" \
+        in check.stdout
+    loss = run("--rule=loss", "--at=25", "--margin=0.05", d)
+    assert loss.returncode == 0 and "--redefense_reject_at=25 --redefense_reject_above=0.7500" in loss.stdout
+    judged = run("--rule=loss", "--at=25", "--threshold=0.8", d)  # every participation is judged
+    assert judged.returncode == 0 and "| 0 / 4 | 2 / 3 | 0 / 4 | 2 / 3 |" in judged.stdout
+    bad = run(str(tmp_path / "nothing"))
     assert bad.returncode != 0 and "nothing is not a finished run directory" in bad.stderr
+    assert "the recorded losses are after" in run("--rule=loss", "--at=30", d).stderr
 
 
 @pytest.mark.slow

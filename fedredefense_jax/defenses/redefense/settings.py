@@ -98,7 +98,7 @@ class RedefenseConfig(Settings):
     lr_alpha: float = _table7("lr_alpha", "FedREDefense: outer LR of alpha", low=0)
     alpha_init: float = _table7("alpha_init", "FedREDefense: initial virtual-model LR alpha", above=0)
     first_cap: int = _table7("first_cap", "FedREDefense: outer-iteration cap at a client's first participation, "
-                             "or the budget of the budget rule (experiments/calibrate_budget.py)",
+                             "or the budget of the budget rule (experiments/calibrate_rule.py)",
                              low=1)
     later_cap: int = _table7("later_cap", "FedREDefense: outer-iteration cap later", low=1)
     variant: str = setting(DEFAULT_VARIANT, "FedREDefense: optimisation schedule of Appendix B.3.",
@@ -125,7 +125,8 @@ class RedefenseConfig(Settings):
                               name="redefense_aggregator")
     reject_at: Optional[int] = setting(None, "FedREDefense: early rejection: after this many outer iterations a "
                                        "reconstruction whose loss is above redefense_reject_above stops (and is "
-                                       "flagged); unset: off.", low=1, name="redefense_reject_at")
+                                       "flagged): a speed-up, or the loss rule (experiments/calibrate_rule.py); "
+                                       "unset: off.", low=1, name="redefense_reject_at")
     reject_above: Optional[float] = setting(None, "FedREDefense: the loss bound of early rejection (at least "
                                             "gamma).", above=0, name="redefense_reject_above")
 
