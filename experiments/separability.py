@@ -68,7 +68,7 @@ def collect(patterns: list[str]) -> dict[str, list[sep.Participation]]:
 
 def _label(cfg: dict) -> str:
     """``attack (q of p)`` and the settings that differ from the paper's defaults (beta 0.1, 1
-    epoch, every client every round, about 600 images per client, Fashion-MNIST)."""
+    epoch, every client every round, about 600 images per client, Fashion-MNIST, seed 0)."""
     extra = []
     dataset = cfg.get("dataset", "fashion_mnist")
     if dataset != "fashion_mnist":
@@ -83,6 +83,8 @@ def _label(cfg: dict) -> str:
         extra.append(f"{cfg['local_epochs']} epochs")
     if cfg.get("participation_rate", 1.0) != 1.0:
         extra.append(f"participation {cfg['participation_rate']:g}")
+    if cfg.get("seed", 0) != 0:  # another draw: its participations are not the seed-0 run's
+        extra.append(f"seed {cfg['seed']}")
     label = f"{cfg.get('attack', 'none')} ({cfg['num_malicious']} of {cfg['num_clients']})"
     return label + (", " + ", ".join(extra) if extra else "")
 

@@ -93,6 +93,7 @@ def test_script_writes_page_and_figures_and_merges_runs_of_one_setting(tmp_path)
     _run_dir(tmp_path / "b", [{k: v for k, v in ROUND1.items() if k not in ("to_gamma", "loss_at")}])
     _run_dir(tmp_path / "c", [ROUND1], done=False)
     _run_dir(tmp_path / "d", [ROUND1], beta=0.5, train_subset=None)
+    _run_dir(tmp_path / "e", [ROUND1], seed=1)
     out = tmp_path / "page" / "sep"
     res = subprocess.run([sys.executable, SCRIPT, f"--out={out}", str(tmp_path / "*")],
                          capture_output=True, text=True, timeout=120)
@@ -107,6 +108,7 @@ def test_script_writes_page_and_figures_and_merges_runs_of_one_setting(tmp_path)
                                "1.000 / 100 |")
     # settings other than the paper's make a row of their own
     assert "| scaling (2 of 4), 15000 images per client, beta 0.5 | 2 / 2 |" in page
+    assert "| scaling (2 of 4), seed 1 | 2 / 2 |" in page  # another draw is not merged with seed 0's
     assert (tmp_path / "page" / "sep.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "page" / "sep_scatter.png").stat().st_size > 1000
     assert (tmp_path / "page" / "sep_iterations.png").stat().st_size > 1000
