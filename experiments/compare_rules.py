@@ -1,7 +1,7 @@
 """Table 1 (DACC / FPR / FNR / AAR per attack) of FedREDefense under two or more decision rules,
 side by side: a page and a figure from recorded runs.
 
-    python experiments/compare_rules.py --out=results/budget_rule --title="..." \
+    python experiments/compare_rules.py --out=results/rules --title="..." \
         "paper rule=runs/paper100" "budget rule, B = 150=runs/budget100"
 
 Each argument is ``LABEL=DIR``: the runs of one rule, one finished run per attack in the
